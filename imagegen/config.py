@@ -1,0 +1,182 @@
+"""Settings: read from the environment once, checked once, then passed around frozen.
+
+Nothing else in the package reads `os.environ`. A bad value raises `ConfigurationError` naming
+the variable, so a misconfigured deployment answers every request with a 500 that says what to
+fix instead of failing somewhere deep in a request.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from imagegen.errors import ConfigurationError
+
+DEFAULT_ROUTER_URL = "https://router.huggingface.co"
+# Served by hf-inference per Hugging Face's docs (2026); the README says how to change it.
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+DEFAULT_TIMEOUT_SECONDS = 120.0
+DEFAULT_IMAGE_DIR = "/tmp/imagegen"
+DEFAULT_IMAGE_DIR_MAX_FILES = 200
+DEFAULT_IMAGE_PREFIX = "images/"
+DEFAULT_MAX_PROMPT_CHARS = 2000
+
+# Fixed by the API contract rather than configurable.
+MAX_BODY_BYTES = 64 * 1024
+# Cloud Functions answers at most 32 MB; base64 grows an image by 4/3, so 20 MiB still fits.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+TOKEN_VARIABLES = ("HUGGING_FACE_API_KEY", "HF_TOKEN")
+
+# A Hub model id: "owner/name", letters, digits, '-', '_' and '.'. Checked so that a model id
+# can only ever become one path segment pair on the router, never another host or path.
+MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    hf_token: str | None = field(default=None, repr=False)
+    hf_router_url: str = DEFAULT_ROUTER_URL
+    hf_model: str = DEFAULT_MODEL
+    hf_allowed_models: tuple[str, ...] = (DEFAULT_MODEL,)
+    hf_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    image_dir: Path = Path(DEFAULT_IMAGE_DIR)
+    image_dir_max_files: int = DEFAULT_IMAGE_DIR_MAX_FILES
+    image_bucket: str | None = None
+    image_prefix: str = DEFAULT_IMAGE_PREFIX
+    cors_allowed_origins: tuple[str, ...] = ("*",)
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+
+    def require_token(self) -> str:
+        if not self.hf_token:
+            raise ConfigurationError(
+                "The server has no Hugging Face token: set HUGGING_FACE_API_KEY (or HF_TOKEN) "
+                "to a token with the 'Make calls to Inference Providers' permission.",
+                code="missing_api_key",
+            )
+        return self.hf_token
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Build `Settings` from environment variables; empty values count as unset."""
+
+    def get(name: str) -> str | None:
+        value = environ.get(name, "").strip()
+        return value or None
+
+    token = next((get(name) for name in TOKEN_VARIABLES if get(name)), None)
+    model = _model_id("HF_MODEL", get("HF_MODEL") or DEFAULT_MODEL)
+    allowed = _model_list("HF_ALLOWED_MODELS", get("HF_ALLOWED_MODELS"))
+    bucket = get("IMAGE_BUCKET")
+    return Settings(
+        hf_token=token,
+        hf_router_url=_http_url("HF_ROUTER_URL", get("HF_ROUTER_URL") or DEFAULT_ROUTER_URL),
+        hf_model=model,
+        # The default model is always allowed: a request without "model" must work.
+        hf_allowed_models=tuple(dict.fromkeys((model, *allowed))),
+        hf_timeout_seconds=_number(
+            "HF_TIMEOUT_SECONDS", get("HF_TIMEOUT_SECONDS"), DEFAULT_TIMEOUT_SECONDS, 1, 3600
+        ),
+        image_dir=Path(get("IMAGE_DIR") or DEFAULT_IMAGE_DIR),
+        image_dir_max_files=int(
+            _number(
+                "IMAGE_DIR_MAX_FILES",
+                get("IMAGE_DIR_MAX_FILES"),
+                DEFAULT_IMAGE_DIR_MAX_FILES,
+                1,
+                1_000_000,
+                integer=True,
+            )
+        ),
+        image_bucket=_bucket_name(bucket) if bucket else None,
+        image_prefix=_object_prefix(environ.get("IMAGE_PREFIX", DEFAULT_IMAGE_PREFIX).strip()),
+        cors_allowed_origins=_origins(get("CORS_ALLOWED_ORIGINS") or "*"),
+        max_prompt_chars=int(
+            _number(
+                "MAX_PROMPT_CHARS",
+                get("MAX_PROMPT_CHARS"),
+                DEFAULT_MAX_PROMPT_CHARS,
+                1,
+                100_000,
+                integer=True,
+            )
+        ),
+    )
+
+
+def _invalid(name: str, value: str, expected: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"Environment variable {name} is invalid: expected {expected}, got {value!r}.",
+        code="invalid_configuration",
+    )
+
+
+def _number(
+    name: str,
+    raw: str | None,
+    default: float,
+    low: float,
+    high: float,
+    *,
+    integer: bool = False,
+) -> float:
+    if raw is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise _invalid(name, raw, f"{kind} from {low:g} to {high:g}") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise _invalid(name, raw, f"{kind} from {low:g} to {high:g}")
+    return value
+
+
+def _http_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise _invalid(name, raw, "an http(s) URL such as https://router.huggingface.co")
+    return raw.rstrip("/")
+
+
+def _model_id(name: str, raw: str) -> str:
+    if not MODEL_ID_PATTERN.match(raw) or ".." in raw:
+        raise _invalid(name, raw, "a Hugging Face model id such as 'owner/model-name'")
+    return raw
+
+
+def _model_list(name: str, raw: str | None) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    return tuple(_model_id(name, item.strip()) for item in raw.split(",") if item.strip())
+
+
+def _bucket_name(raw: str) -> str:
+    name = raw.removeprefix("gs://").rstrip("/")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", name):
+        raise _invalid("IMAGE_BUCKET", raw, "a Cloud Storage bucket name such as 'my-images'")
+    return name
+
+
+def _object_prefix(raw: str) -> str:
+    # The prefix is the owner's, but it must not start at the bucket root with '/' or climb out.
+    if raw.startswith("/") or ".." in raw.split("/") or "\n" in raw:
+        raise _invalid("IMAGE_PREFIX", raw, "a relative object prefix such as 'images/'")
+    return raw
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(item.strip().rstrip("/") for item in raw.split(",") if item.strip())
+    for origin in origins:
+        if origin == "*":
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+            raise _invalid(
+                "CORS_ALLOWED_ORIGINS", raw, "'*' or origins such as 'https://app.example.com'"
+            )
+    return origins or ("*",)

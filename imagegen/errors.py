@@ -1,0 +1,101 @@
+"""Errors that reach the caller.
+
+Each error is raised once, where it is known, and carries what the HTTP handler needs to answer:
+the status, a stable machine-readable `code`, and a public message a person can act on. The
+handler turns any `ImageGenError` into JSON in one place; anything else becomes a generic 500.
+"""
+
+from __future__ import annotations
+
+
+class ImageGenError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.field = field
+        self.headers = dict(headers or {})
+
+
+# --- the caller's request -------------------------------------------------------------------
+
+
+class InvalidRequest(ImageGenError):
+    status = 400
+    code = "invalid_field"
+
+
+class MethodNotAllowed(ImageGenError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ImageGenError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ImageGenError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+# --- this deployment ------------------------------------------------------------------------
+
+
+class ConfigurationError(ImageGenError):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+    status = 500
+    code = "invalid_configuration"
+
+
+# --- Hugging Face ---------------------------------------------------------------------------
+
+
+class UpstreamError(ImageGenError):
+    """Hugging Face (or the provider behind it) failed; the code says how."""
+
+    status = 502
+    code = "upstream_unavailable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        upstream_status: int | None = None,
+        request_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, code=code, headers=headers)
+        self.upstream_status = upstream_status
+        self.request_id = request_id
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 429
+    code = "upstream_rate_limited"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+# --- storage (never reaches the caller as an error: the image is returned with a warning) -----
+
+
+class StorageError(Exception):
+    """Storing the image failed. The handler still answers 200 with the image and a warning."""

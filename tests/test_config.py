@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+
+from imagegen.config import DEFAULT_MODEL, Settings, load_settings
+from imagegen.errors import ConfigurationError
+
+
+def test_defaults():
+    settings = load_settings({})
+    assert settings == Settings()
+    assert settings.hf_router_url == "https://router.huggingface.co"
+    assert settings.hf_allowed_models == (DEFAULT_MODEL,)
+    assert settings.image_dir == Path("/tmp/imagegen") and settings.image_dir_max_files == 200
+    assert settings.hf_timeout_seconds == 120
+    assert settings.cors_allowed_origins == ("*",)
+
+
+def test_token_comes_from_the_seed_name_first_then_hf_token():
+    assert load_settings({"HF_TOKEN": "hf_b"}).hf_token == "hf_b"
+    assert load_settings({"HUGGING_FACE_API_KEY": "hf_a", "HF_TOKEN": "hf_b"}).hf_token == "hf_a"
+    # Secret Manager values often end with a newline.
+    assert load_settings({"HUGGING_FACE_API_KEY": "hf_a\n"}).hf_token == "hf_a"
+    assert load_settings({"HUGGING_FACE_API_KEY": ""}).hf_token is None
+
+
+def test_token_is_not_in_the_settings_repr():
+    assert "hf_secret" not in repr(load_settings({"HUGGING_FACE_API_KEY": "hf_secret"}))
+
+
+def test_missing_token_names_the_variable():
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings({}).require_token()
+    assert "HUGGING_FACE_API_KEY" in caught.value.message and caught.value.code == "missing_api_key"
+
+
+def test_allowed_models_always_include_the_default_model():
+    settings = load_settings({"HF_MODEL": "a/b", "HF_ALLOWED_MODELS": "c/d, a/b ,e/f"})
+    assert settings.hf_allowed_models == ("a/b", "c/d", "e/f")
+
+
+def test_values_are_parsed():
+    settings = load_settings(
+        {
+            "HF_ROUTER_URL": "http://127.0.0.1:9000/",
+            "HF_TIMEOUT_SECONDS": "2.5",
+            "IMAGE_DIR_MAX_FILES": "3",
+            "IMAGE_BUCKET": "gs://my-bucket/",
+            "IMAGE_PREFIX": "gen/",
+            "CORS_ALLOWED_ORIGINS": "https://a.example, http://localhost:3000/",
+        }
+    )
+    assert settings.hf_router_url == "http://127.0.0.1:9000"
+    assert settings.hf_timeout_seconds == 2.5
+    assert settings.image_dir_max_files == 3
+    assert settings.image_bucket == "my-bucket" and settings.image_prefix == "gen/"
+    assert settings.cors_allowed_origins == ("https://a.example", "http://localhost:3000")
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("HF_TIMEOUT_SECONDS", "soon"),
+        ("HF_TIMEOUT_SECONDS", "0"),
+        ("HF_TIMEOUT_SECONDS", "nan"),
+        ("IMAGE_DIR_MAX_FILES", "1.5"),
+        ("IMAGE_DIR_MAX_FILES", "0"),
+        ("HF_ROUTER_URL", "router.huggingface.co"),
+        ("HF_ROUTER_URL", "ftp://router.huggingface.co"),
+        ("HF_MODEL", "no-slash"),
+        ("HF_MODEL", "a/b/../../c"),
+        ("HF_MODEL", "evil.com@x/y"),
+        ("HF_ALLOWED_MODELS", "ok/model, not ok"),
+        ("IMAGE_BUCKET", "Bad_Bucket!"),
+        ("IMAGE_PREFIX", "/abs/"),
+        ("IMAGE_PREFIX", "a/../../b/"),
+        ("CORS_ALLOWED_ORIGINS", "example.com"),
+        ("MAX_PROMPT_CHARS", "-1"),
+    ],
+)
+def test_invalid_values_name_the_variable(name, value):
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings({name: value})
+    assert name in caught.value.message and caught.value.status == 500
