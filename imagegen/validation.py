@@ -1,0 +1,182 @@
+"""Request validation: raw body bytes in, a typed `GenerationRequest` out, or a 4xx error.
+
+Nothing here talks to the network, so a request that fails here never reaches Hugging Face.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from imagegen.config import Settings
+from imagegen.errors import InvalidRequest, UnsupportedMediaType
+
+MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 2048, 8
+MIN_STEPS, MAX_STEPS = 1, 100
+MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
+MAX_SEED = 4_294_967_295
+
+KNOWN_FIELDS = ("prompt", "negativePrompt", "width", "height", "steps", "guidanceScale", "seed", "model")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    model: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+
+
+def check_content_type(content_type: str | None) -> None:
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    # application/json plus structured suffixes such as application/merge+json.
+    if media_type != "application/json" and not re.fullmatch(r"application/[\w.+-]+\+json", media_type):
+        raise UnsupportedMediaType(
+            "Send the request as JSON with the header 'Content-Type: application/json'"
+            f" (got {media_type or 'no Content-Type'}).",
+        )
+
+
+def parse_generation_request(body: bytes, settings: Settings) -> GenerationRequest:
+    """Parse and check a JSON body; every error names the field and what was expected."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        detail = f" ({error.msg} at line {error.lineno} column {error.colno})" if isinstance(error, json.JSONDecodeError) else ""
+        raise InvalidRequest(f"The request body is not valid JSON{detail}.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            'The request body must be a JSON object such as {"prompt": "a red fox"}.',
+            code="invalid_body",
+        )
+    _reject_unknown_fields(data)
+
+    prompt = data.get("prompt")
+    if prompt is None:
+        raise InvalidRequest('The field "prompt" is required.', code="missing_field", field="prompt")
+    prompt = _text(data, "prompt", settings.max_prompt_chars)
+    if not prompt:
+        raise InvalidRequest('The field "prompt" must not be empty.', code="invalid_field", field="prompt")
+
+    return GenerationRequest(
+        prompt=prompt,
+        model=_model(data, settings),
+        negative_prompt=_text(data, "negativePrompt", settings.max_prompt_chars) or None,
+        width=_side(data, "width"),
+        height=_side(data, "height"),
+        steps=_integer(data, "steps", MIN_STEPS, MAX_STEPS),
+        guidance_scale=_guidance(data),
+        seed=_integer(data, "seed", 0, MAX_SEED),
+    )
+
+
+def _reject_unknown_fields(data: dict[str, Any]) -> None:
+    unknown = [name for name in data if name not in KNOWN_FIELDS]
+    if not unknown:
+        return
+    name = unknown[0]
+    hint = _closest_field(name)
+    suggestion = f' Did you mean "{hint}"?' if hint else ""
+    raise InvalidRequest(
+        f'Unknown field "{name[:64]}".{suggestion} Allowed fields: {", ".join(KNOWN_FIELDS)}.',
+        code="unknown_field",
+        field=name[:64],
+    )
+
+
+def _closest_field(name: str) -> str | None:
+    camel = re.sub(r"[_-]+([a-zA-Z])", lambda m: m.group(1).upper(), name)
+    for candidate in KNOWN_FIELDS:
+        if candidate.lower() == camel.lower():
+            return candidate
+    matches = difflib.get_close_matches(name, KNOWN_FIELDS, n=1, cutoff=0.75)
+    return matches[0] if matches else None
+
+
+def _invalid(name: str, expected: str, value: Any) -> InvalidRequest:
+    shown = json.dumps(value)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    return InvalidRequest(
+        f'The field "{name}" must be {expected} (got {shown}).', code="invalid_field", field=name
+    )
+
+
+def _is_integer(value: Any) -> bool:
+    # JSON true/false arrive as bool, which Python counts as int.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(data: dict[str, Any], name: str, max_chars: int) -> str:
+    value = data.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _invalid(name, "a string", value)
+    value = value.strip()
+    if len(value) > max_chars:
+        raise InvalidRequest(
+            f'The field "{name}" is too long: {len(value)} characters, at most {max_chars}.',
+            code="invalid_field",
+            field=name,
+        )
+    if "\x00" in value:
+        raise _invalid(name, "text without NUL characters", value)
+    return value
+
+
+def _integer(data: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not _is_integer(value) or not low <= value <= high:
+        raise _invalid(name, f"an integer from {low} to {high}", value)
+    return int(value)
+
+
+def _side(data: dict[str, Any], name: str) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not _is_integer(value) or not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_STEP:
+        raise _invalid(name, f"an integer from {MIN_SIDE} to {MAX_SIDE} that is a multiple of {SIDE_STEP}", value)
+    return int(value)
+
+
+def _guidance(data: dict[str, Any]) -> float | None:
+    value = data.get("guidanceScale")
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not MIN_GUIDANCE <= value <= MAX_GUIDANCE
+    ):
+        raise _invalid("guidanceScale", f"a number from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}", value)
+    return float(value)
+
+
+def _model(data: dict[str, Any], settings: Settings) -> str:
+    value = data.get("model")
+    if value is None:
+        return settings.hf_model
+    if not isinstance(value, str):
+        raise _invalid("model", "a Hugging Face model id string", value)
+    if value not in settings.hf_allowed_models:
+        raise InvalidRequest(
+            f'The model "{value[:100]}" is not allowed here. Allowed models: '
+            f"{', '.join(settings.hf_allowed_models)} (the server's HF_ALLOWED_MODELS setting).",
+            code="model_not_allowed",
+            field="model",
+        )
+    return value
+
