@@ -1,0 +1,200 @@
+"""The Hugging Face client against `responses`: the exact request, and every failure mapped."""
+
+import base64
+import io
+import json
+
+import pytest
+import requests
+import responses
+from PIL import Image
+
+from imagegen.errors import ConfigurationError, UpstreamError, UpstreamRateLimited, UpstreamTimeout
+from imagegen.hf_client import RouterClient
+from imagegen.validation import GenerationRequest
+from tests.conftest import TEST_TOKEN
+from tests.fake_router import make_png
+
+MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+URL = f"https://router.huggingface.co/hf-inference/models/{MODEL}"
+REQUEST = GenerationRequest(prompt="a red fox", model=MODEL)
+
+
+@pytest.fixture
+def client(make_settings):
+    return RouterClient(make_settings())
+
+
+def generate_error(client, request=REQUEST) -> UpstreamError:
+    with pytest.raises(UpstreamError) as caught:
+        client.generate(request)
+    return caught.value
+
+
+@responses.activate
+def test_sends_the_routers_wire_format(client):
+    png = make_png()
+    responses.post(URL, body=png, content_type="image/png", headers={"x-request-id": "req-1"})
+    image = client.generate(
+        GenerationRequest(
+            prompt="a red fox",
+            model=MODEL,
+            negative_prompt="blurry",
+            width=512,
+            height=768,
+            steps=20,
+            guidance_scale=6.5,
+            seed=42,
+        )
+    )
+    sent = responses.calls[0].request
+    assert sent.headers["Authorization"] == f"Bearer {TEST_TOKEN}"
+    assert sent.headers["Accept"] == "image/png"
+    assert sent.headers["Content-Type"] == "application/json"
+    assert json.loads(sent.body) == {
+        "inputs": "a red fox",
+        "parameters": {
+            "negative_prompt": "blurry",
+            "width": 512,
+            "height": 768,
+            "num_inference_steps": 20,
+            "guidance_scale": 6.5,
+            "seed": 42,
+        },
+    }
+    assert image.png == png and image.model == MODEL and image.provider == "hf-inference"
+    assert image.request_id == "req-1"
+
+
+@responses.activate
+def test_absent_parameters_are_left_out(client):
+    responses.post(URL, body=make_png(), content_type="image/png")
+    client.generate(REQUEST)
+    assert json.loads(responses.calls[0].request.body) == {"inputs": "a red fox"}
+
+
+@responses.activate
+def test_router_url_is_configurable(make_settings):
+    responses.post(f"http://127.0.0.1:9/hf-inference/models/{MODEL}", body=make_png(), content_type="image/png")
+    RouterClient(make_settings(HF_ROUTER_URL="http://127.0.0.1:9/")).generate(REQUEST)
+    assert len(responses.calls) == 1
+
+
+@responses.activate
+def test_json_b64_answer_is_accepted(client):
+    png = make_png()
+    responses.post(URL, json={"data": [{"b64_json": base64.b64encode(png).decode()}]})
+    assert client.generate(REQUEST).png == png
+
+
+@responses.activate
+def test_jpeg_answer_becomes_png(client):
+    out = io.BytesIO()
+    Image.new("RGB", (40, 24), "blue").save(out, format="JPEG")
+    responses.post(URL, body=out.getvalue(), content_type="image/jpeg")
+    png = client.generate(REQUEST).png
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG" and image.size == (40, 24)
+
+
+def test_no_token_is_a_configuration_error_before_any_call(make_settings):
+    with responses.RequestsMock() as mocked:  # would fail on any request
+        with pytest.raises(ConfigurationError) as caught:
+            RouterClient(make_settings(HUGGING_FACE_API_KEY="")).generate(REQUEST)
+        assert len(mocked.calls) == 0
+    assert "HUGGING_FACE_API_KEY" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "status, body, code, http_status, words",
+    [
+        (401, {"error": "Invalid credentials in Authorization header"}, "upstream_unauthorized", 502, "Inference Providers"),
+        (403, {"error": "This authentication method does not have sufficient permissions"}, "upstream_unauthorized", 502, "permission"),
+        (402, {"error": "You have exceeded your monthly included credits for Inference Providers."}, "upstream_credits_exhausted", 502, "credits"),
+        (404, {"error": "Not Found"}, "model_not_available", 502, "HF_MODEL"),
+        (410, {"error": "The requested model is deprecated and no longer supported by provider hf-inference."}, "model_not_available", 502, "deprecated"),
+        (400, {"error": ["Input validation error: `width` must be a multiple of 64"]}, "upstream_rejected", 502, "multiple of 64"),
+        (422, {"errors": [{"message": "guidance too high"}]}, "upstream_rejected", 502, "guidance too high"),
+        (500, {"error": "Internal Server Error"}, "upstream_unavailable", 502, "Try again"),
+        (503, {"error": "Model X is currently loading", "estimated_time": 20.0}, "upstream_unavailable", 502, "20 seconds"),
+        (504, {"error": "Gateway Timeout"}, "upstream_timeout", 504, "timed out"),
+        (429, {"error": "Rate limit reached"}, "upstream_rate_limited", 429, "rate-limiting"),
+    ],
+)
+@responses.activate
+def test_upstream_errors_are_mapped(client, status, body, code, http_status, words):
+    responses.post(URL, json=body, status=status, headers={"x-request-id": "Root=abc123"})
+    error = generate_error(client)
+    assert (error.code, error.status, error.upstream_status) == (code, http_status, status)
+    assert words in error.message
+    # What a user needs to report it:
+    for part in ("provider hf-inference", f"model {MODEL}", f"HF status {status}", "request id Root=abc123"):
+        assert part in error.message
+
+
+@responses.activate
+def test_503_estimated_time_becomes_retry_after(client):
+    responses.post(URL, json={"error": "loading", "estimated_time": 19.2}, status=503)
+    assert generate_error(client).headers == {"Retry-After": "20"}
+
+
+@responses.activate
+def test_429_passes_retry_after_on(client):
+    responses.post(URL, json={"error": "slow down"}, status=429, headers={"Retry-After": "37"})
+    error = generate_error(client)
+    assert isinstance(error, UpstreamRateLimited)
+    assert error.headers == {"Retry-After": "37"} and "37 seconds" in error.message
+
+
+@responses.activate
+def test_retry_after_as_http_date(client):
+    responses.post(URL, json={"error": "slow down"}, status=429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    assert generate_error(client).headers == {"Retry-After": "1"}  # in the past: retry now
+
+
+@responses.activate
+def test_html_error_page_is_not_quoted(client):
+    responses.post(URL, body="<!DOCTYPE html><html><body>Bad gateway</body></html>", status=502, content_type="text/html")
+    error = generate_error(client)
+    assert error.code == "upstream_unavailable" and "<html" not in error.message
+
+
+@pytest.mark.parametrize(
+    "body, content_type, described",
+    [
+        (b"<!DOCTYPE html><html>oops</html>", "text/html", "HTML page"),
+        (b'{"error": "nope"}', "application/json", "JSON"),
+        (b"", "image/png", "empty body"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "image/png", "cannot be decoded"),
+        (make_png()[:-30], "image/png", "cannot be decoded"),
+    ],
+)
+@responses.activate
+def test_a_200_that_is_not_an_image_is_a_bad_response(client, body, content_type, described):
+    responses.post(URL, body=body, content_type=content_type)
+    error = generate_error(client)
+    assert (error.code, error.status) == ("upstream_bad_response", 502)
+    assert described in error.message
+
+
+@responses.activate
+def test_connection_error(client):
+    responses.post(URL, body=requests.ConnectionError("refused"))
+    error = generate_error(client)
+    assert (error.code, error.status) == ("upstream_unreachable", 502)
+    assert "router.huggingface.co" in error.message
+
+
+@responses.activate
+def test_timeout(client):
+    responses.post(URL, body=requests.ReadTimeout("slow"))
+    error = generate_error(client)
+    assert isinstance(error, UpstreamTimeout) and error.status == 504
+    assert "HF_TIMEOUT_SECONDS" in error.message
+
+
+@responses.activate
+def test_the_token_is_scrubbed_from_echoed_errors(client):
+    responses.post(URL, json={"error": f"bad token {TEST_TOKEN}"}, status=401)
+    error = generate_error(client)
+    assert TEST_TOKEN not in error.message and "[redacted]" in error.message
