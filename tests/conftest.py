@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import functions_framework
+import pytest
+
+from imagegen.config import Settings, load_settings
+from tests.fake_router import FakeRouter
+from tests.servers import REPO_ROOT, Process, start_function, start_storage_emulator
+
+TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"
+SETTING_PREFIXES = ("HF_", "HUGGING_FACE", "IMAGE_", "CORS_", "MAX_PROMPT", "STORAGE_EMULATOR")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests start from no settings at all, whatever the developer's shell exports."""
+    for name in list(os.environ):
+        if name.startswith(SETTING_PREFIXES):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def router() -> Iterator[FakeRouter]:
+    server = FakeRouter(TEST_TOKEN).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    def make(**env: str) -> Settings:
+        base = {"HUGGING_FACE_API_KEY": TEST_TOKEN, "IMAGE_DIR": str(tmp_path / "images")}
+        return load_settings({**base, **env})
+
+    return make
+
+
+@pytest.fixture
+def make_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A test client for main.py exactly as functions-framework loads it, with these settings."""
+
+    def make(**env: str):
+        settings = {"HUGGING_FACE_API_KEY": TEST_TOKEN, "IMAGE_DIR": str(tmp_path / "images"), **env}
+        for name, value in settings.items():
+            monkeypatch.setenv(name, value)
+        app = functions_framework.create_app(target="generate_image", source=str(REPO_ROOT / "main.py"))
+        return app.test_client()
+
+    return make
+
+
+@pytest.fixture
+def run_function(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    """Start the real function process (functions-framework) with these settings."""
+    started: list[Process] = []
+
+    def run(**env: str) -> Process:
+        process = start_function(env, tmp_path / f"function-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield run
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def storage_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    emulator = start_storage_emulator(tmp_path_factory.mktemp("gcs") / "emulator.log")
+    yield emulator
+    emulator.stop()
