@@ -1,0 +1,14 @@
+"""The functions-framework entry point: `functions-framework --target=generate_image`."""
+
+import os
+
+import functions_framework
+
+from imagegen.http import build_handler
+
+_handler = build_handler(os.environ)
+
+
+@functions_framework.http
+def generate_image(request):
+    return _handler(request)

@@ -1,0 +1,234 @@
+"""The HTTP contract through functions-framework's own test client, upstream mocked by `responses`."""
+
+import base64
+import json
+import logging
+
+import pytest
+import requests
+import responses
+
+from tests.conftest import TEST_TOKEN
+from tests.fake_router import make_png
+
+MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+ROUTER = "https://router.huggingface.co"
+URL = f"{ROUTER}/hf-inference/models/{MODEL}"
+
+
+@pytest.fixture
+def mocked():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+def decode_data_url(url: str) -> bytes:
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix)
+    return base64.b64decode(url[len(prefix):], validate=True)
+
+
+def test_success_returns_the_image_and_where_it_is_stored(make_app, mocked, tmp_path):
+    png = make_png(256, 256)
+    mocked.post(URL, body=png, content_type="image/png")
+    answer = make_app().post("/api/generate-image", json={"prompt": "a red fox", "seed": 7, "width": 256, "height": 256})
+    assert answer.status_code == 200 and answer.mimetype == "application/json"
+    body = answer.get_json()
+    assert body["success"] is True and body["model"] == MODEL and body["seed"] == 7
+    assert "warning" not in body
+    assert decode_data_url(body["imageUrl"]) == png
+    assert body["filePath"].startswith(str(tmp_path / "images")) and body["filePath"].endswith(".png")
+    with open(body["filePath"], "rb") as stored:
+        assert stored.read() == png
+    assert answer.headers["Cache-Control"] == "no-store"
+
+
+def test_seed_is_null_when_not_given_and_any_path_works(make_app, mocked):
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    body = make_app().post("/", json={"prompt": "x"}).get_json()
+    assert body["success"] is True and body["seed"] is None
+
+
+def test_allowed_model_is_used(make_app, mocked):
+    mocked.post(f"{ROUTER}/hf-inference/models/black-forest-labs/FLUX.1-schnell", body=make_png(), content_type="image/png")
+    app = make_app(HF_ALLOWED_MODELS="black-forest-labs/FLUX.1-schnell")
+    body = app.post("/", json={"prompt": "x", "model": "black-forest-labs/FLUX.1-schnell"}).get_json()
+    assert body["model"] == "black-forest-labs/FLUX.1-schnell"
+
+
+def error_of(answer, status: int, code: str) -> dict:
+    assert answer.status_code == status, answer.data
+    body = answer.get_json()
+    assert body["success"] is False and body["code"] == code and body["error"]
+    assert answer.headers["Access-Control-Allow-Origin"] == "*"
+    return body
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, code",
+    [
+        ({"data": b"{oops", "content_type": "application/json"}, 400, "invalid_json"),
+        ({"json": ["prompt"]}, 400, "invalid_body"),
+        ({"json": {"negativePrompt": "x"}}, 400, "missing_field"),
+        ({"json": {"prompt": "x", "negative_prompt": "y"}}, 400, "unknown_field"),
+        ({"json": {"prompt": "x", "width": 100}}, 400, "invalid_field"),
+        ({"json": {"prompt": "x", "model": "other/model"}}, 400, "model_not_allowed"),
+        ({"data": "prompt=x", "content_type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+        ({"data": b'{"prompt": "x"}'}, 415, "unsupported_media_type"),
+        ({"data": b'{"prompt": "' + b"x" * 70_000 + b'"}', "content_type": "application/json"}, 413, "payload_too_large"),
+    ],
+)
+def test_bad_requests_never_reach_hugging_face(make_app, mocked, kwargs, status, code):
+    error_of(make_app().post("/api/generate-image", **kwargs), status, code)
+    assert len(mocked.calls) == 0
+
+
+def test_a_body_just_under_the_limit_is_read(make_app, mocked):
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    padding = " " * (64 * 1024 - 20)
+    answer = make_app().post("/", data=('{"prompt": "x"}' + padding).encode(), content_type="application/json")
+    assert answer.status_code == 200
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "HEAD"])
+def test_other_methods_are_405_with_allow(make_app, method):
+    answer = make_app().open("/api/generate-image", method=method)
+    assert answer.status_code == 405
+    assert answer.headers["Allow"] == "POST, OPTIONS"
+    if method != "HEAD":
+        assert answer.get_json()["code"] == "method_not_allowed"
+
+
+def test_missing_token_is_500_naming_the_variable(make_app, mocked):
+    body = error_of(make_app(HUGGING_FACE_API_KEY="").post("/", json={"prompt": "x"}), 500, "missing_api_key")
+    assert "HUGGING_FACE_API_KEY" in body["error"]
+    assert len(mocked.calls) == 0
+
+
+def test_invalid_setting_is_500_naming_the_variable(make_app):
+    body = error_of(make_app(HF_TIMEOUT_SECONDS="soon").post("/", json={"prompt": "x"}), 500, "invalid_configuration")
+    assert "HF_TIMEOUT_SECONDS" in body["error"]
+
+
+@pytest.mark.parametrize(
+    "status, upstream_body, headers, our_status, code",
+    [
+        (401, {"error": "Invalid credentials in Authorization header"}, {}, 502, "upstream_unauthorized"),
+        (402, {"error": "You have exceeded your monthly included credits"}, {}, 502, "upstream_credits_exhausted"),
+        (404, {"error": "Not Found"}, {}, 502, "model_not_available"),
+        (410, {"error": "deprecated"}, {}, 502, "model_not_available"),
+        (429, {"error": "Too many requests"}, {"Retry-After": "12"}, 429, "upstream_rate_limited"),
+        (500, {"error": "boom"}, {}, 502, "upstream_unavailable"),
+        (503, {"error": "loading", "estimated_time": 30}, {}, 502, "upstream_unavailable"),
+    ],
+)
+def test_upstream_errors_become_clear_json(make_app, mocked, status, upstream_body, headers, our_status, code):
+    mocked.post(URL, json=upstream_body, status=status, headers=headers)
+    answer = make_app().post("/", json={"prompt": "x"})
+    error_of(answer, our_status, code)
+    if status == 429:
+        assert answer.headers["Retry-After"] == "12"
+        assert "Retry-After" in answer.headers["Access-Control-Expose-Headers"]
+
+
+def test_upstream_timeout_is_504(make_app, mocked):
+    mocked.post(URL, body=requests.ReadTimeout())
+    error_of(make_app().post("/", json={"prompt": "x"}), 504, "upstream_timeout")
+
+
+def test_a_200_html_page_is_502(make_app, mocked):
+    mocked.post(URL, body="<html>maintenance</html>", content_type="text/html")
+    error_of(make_app().post("/", json={"prompt": "x"}), 502, "upstream_bad_response")
+
+
+def test_storage_failure_still_returns_the_image(make_app, mocked, tmp_path):
+    png = make_png()
+    mocked.post(URL, body=png, content_type="image/png")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    answer = make_app(IMAGE_DIR=str(blocker)).post("/", json={"prompt": "x"})
+    assert answer.status_code == 200
+    body = answer.get_json()
+    assert body["success"] is True and body["filePath"] is None
+    assert "could not be stored" in body["warning"] and "IMAGE_DIR" in body["warning"]
+    assert decode_data_url(body["imageUrl"]) == png
+
+
+def test_unexpected_errors_are_a_plain_500(make_app, mocked, monkeypatch):
+    import imagegen.http
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("internal detail /srv/secret/path")
+
+    monkeypatch.setattr(imagegen.http, "success_body", explode)
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    answer = make_app().post("/", json={"prompt": "x"})
+    body = error_of(answer, 500, "internal_error")
+    assert "secret" not in body["error"] and "Traceback" not in answer.get_data(as_text=True)
+
+
+# --- CORS ---------------------------------------------------------------------------------------
+
+
+def test_preflight_with_any_origin(make_app, mocked):
+    answer = make_app().options(
+        "/api/generate-image",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert answer.status_code == 204 and answer.data == b""
+    assert answer.headers["Access-Control-Allow-Origin"] == "*"
+    assert answer.headers["Access-Control-Allow-Methods"] == "POST, OPTIONS"
+    assert answer.headers["Access-Control-Allow-Headers"] == "Content-Type, Authorization"
+    assert int(answer.headers["Access-Control-Max-Age"]) > 0
+    assert len(mocked.calls) == 0
+
+
+def test_listed_origin_is_echoed_with_vary(make_app, mocked):
+    app = make_app(CORS_ALLOWED_ORIGINS="https://app.example,http://localhost:3000")
+    answer = app.options("/", headers={"Origin": "http://localhost:3000"})
+    assert answer.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert answer.headers["Vary"] == "Origin"
+    error = app.post("/", json={}, headers={"Origin": "https://app.example"})
+    assert error.status_code == 400
+    assert error.headers["Access-Control-Allow-Origin"] == "https://app.example"
+
+
+def test_unlisted_origin_gets_no_allow_origin(make_app, mocked):
+    app = make_app(CORS_ALLOWED_ORIGINS="https://app.example")
+    for answer in (
+        app.options("/", headers={"Origin": "https://evil.example"}),
+        app.post("/", json={}, headers={"Origin": "https://evil.example"}),
+    ):
+        assert "Access-Control-Allow-Origin" not in answer.headers
+        assert "Access-Control-Allow-Methods" not in answer.headers
+        assert answer.headers["Vary"] == "Origin"
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+
+def test_the_token_never_appears_in_answers_or_logs(make_app, mocked, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    mocked.post(URL, json={"error": f"Invalid credentials: Bearer {TEST_TOKEN}"}, status=401)
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    mocked.post(URL, body=requests.ConnectionError(f"could not connect with {TEST_TOKEN}"))
+    app = make_app()
+    answers = [app.post("/", json={"prompt": "x"}) for _ in range(3)]
+    answers.append(app.post("/", json={"prompt": "x", "bogus": TEST_TOKEN}))
+    assert [a.status_code for a in answers] == [502, 200, 502, 400]
+    for answer in answers:
+        assert TEST_TOKEN not in answer.get_data(as_text=True)
+        assert TEST_TOKEN not in str(answer.headers)
+    captured = capsys.readouterr()
+    assert caplog.records, "the handler should log each request"
+    assert TEST_TOKEN not in caplog.text + captured.out + captured.err
+
+
+def test_prompts_are_not_logged(make_app, mocked, caplog):
+    caplog.set_level(logging.INFO)
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    make_app().post("/", json={"prompt": "my very private prompt"})
+    assert "private" not in caplog.text
+    (record,) = [r for r in caplog.records if r.name == "imagegen"]
+    assert record.fields["request"]["promptChars"] == len("my very private prompt")
+    assert record.fields["request"]["status"] == 200
