@@ -1,0 +1,149 @@
+"""The real function under functions-framework, talking to the stand-in router on loopback."""
+
+import base64
+import io
+import time
+import uuid
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import TEST_TOKEN
+from tests.fake_router import Reply
+
+MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+def post(function, body, **kwargs):
+    return requests.post(f"{function.url}/api/generate-image", json=body, timeout=30, **kwargs)
+
+
+def png_from(answer_body: dict) -> bytes:
+    return base64.b64decode(answer_body["imageUrl"].removeprefix("data:image/png;base64,"), validate=True)
+
+
+def test_generates_stores_and_returns_the_image(run_function, router, tmp_path):
+    function = run_function(HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, IMAGE_DIR=str(tmp_path / "out"))
+    answer = post(
+        function,
+        {"prompt": "a lighthouse at dusk", "negativePrompt": "fog", "width": 512, "height": 256, "steps": 4, "guidanceScale": 3.5, "seed": 99},
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    png = png_from(body)
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG" and image.size == (512, 256)
+    assert body["filePath"].startswith(str(tmp_path / "out")) and "a-lighthouse-at-dusk" in body["filePath"]
+    with open(body["filePath"], "rb") as stored:
+        assert stored.read() == png
+    assert (body["model"], body["seed"]) == (MODEL, 99)
+
+    (sent,) = router.requests
+    assert sent.path == f"/hf-inference/models/{MODEL}"
+    assert sent.headers["Authorization"] == f"Bearer {TEST_TOKEN}"
+    assert sent.headers["Accept"] == "image/png"
+    assert sent.json() == {
+        "inputs": "a lighthouse at dusk",
+        "parameters": {"negative_prompt": "fog", "width": 512, "height": 256, "num_inference_steps": 4, "guidance_scale": 3.5, "seed": 99},
+    }
+
+
+def test_errors_and_cors_through_the_real_server(run_function, router, tmp_path):
+    function = run_function(
+        HUGGING_FACE_API_KEY=TEST_TOKEN,
+        HF_ROUTER_URL=router.url,
+        IMAGE_DIR=str(tmp_path / "out"),
+        CORS_ALLOWED_ORIGINS="http://localhost:5173",
+    )
+    origin = {"Origin": "http://localhost:5173"}
+    preflight = requests.options(f"{function.url}/api/generate-image", headers={**origin, "Access-Control-Request-Method": "POST"}, timeout=10)
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+
+    router.reply_error(429, "Rate limit reached", {"Retry-After": "8"})
+    limited = post(function, {"prompt": "x"}, headers=origin)
+    assert limited.status_code == 429 and limited.headers["Retry-After"] == "8"
+    assert limited.json()["code"] == "upstream_rate_limited"
+    assert limited.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+
+    router.reply_error(410, "The requested model is deprecated and no longer supported by provider hf-inference.")
+    gone = post(function, {"prompt": "x"})
+    assert gone.status_code == 502 and gone.json()["code"] == "model_not_available"
+    assert "deprecated" in gone.json()["error"]
+
+    router.reply(Reply(200, b"<!DOCTYPE html><html>We'll be right back</html>", {"Content-Type": "text/html"}))
+    assert post(function, {"prompt": "x"}).json()["code"] == "upstream_bad_response"
+
+    bad = requests.post(f"{function.url}/api/generate-image", data="prompt=x", timeout=10)
+    assert bad.status_code == 415 and bad.json()["code"] == "unsupported_media_type"
+    assert requests.get(function.url, timeout=10).status_code == 405
+    assert len(router.requests) == 3  # the 415 and the 405 never reached upstream
+
+    log = function.log()
+    assert TEST_TOKEN not in log
+    assert "Traceback" not in log
+
+
+def test_wrong_token_is_reported_as_such(run_function, router, tmp_path):
+    function = run_function(HUGGING_FACE_API_KEY="hf_wrong", HF_ROUTER_URL=router.url, IMAGE_DIR=str(tmp_path))
+    answer = post(function, {"prompt": "x"})
+    assert answer.status_code == 502 and answer.json()["code"] == "upstream_unauthorized"
+    assert "hf_wrong" not in answer.text + function.log()
+
+
+def test_upstream_timeout_is_504_within_the_limit(run_function, router, tmp_path):
+    function = run_function(HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, HF_TIMEOUT_SECONDS="1", IMAGE_DIR=str(tmp_path))
+    router.reply(Reply(hold_seconds=20))
+    started = time.monotonic()
+    answer = post(function, {"prompt": "x"})
+    assert answer.status_code == 504 and answer.json()["code"] == "upstream_timeout"
+    assert time.monotonic() - started < 10
+
+
+def test_unreachable_router_is_502(run_function, tmp_path):
+    from tests.servers import free_port
+
+    function = run_function(HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=f"http://127.0.0.1:{free_port()}", IMAGE_DIR=str(tmp_path))
+    answer = post(function, {"prompt": "x"})
+    assert answer.status_code == 502 and answer.json()["code"] == "upstream_unreachable"
+
+
+def test_starts_without_a_token_and_says_which_variable(run_function, router, tmp_path):
+    function = run_function(HF_ROUTER_URL=router.url, IMAGE_DIR=str(tmp_path))
+    answer = post(function, {"prompt": "x"})
+    assert answer.status_code == 500 and "HUGGING_FACE_API_KEY" in answer.json()["error"]
+    assert router.requests == []
+
+
+def test_stores_in_cloud_storage_when_a_bucket_is_set(run_function, router, storage_emulator, monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", storage_emulator.url)
+    from google.cloud import storage
+
+    bucket = storage.Client().create_bucket(f"e2e-{uuid.uuid4().hex[:12]}")
+    function = run_function(
+        HUGGING_FACE_API_KEY=TEST_TOKEN,
+        HF_ROUTER_URL=router.url,
+        IMAGE_BUCKET=bucket.name,
+        IMAGE_PREFIX="generated/",
+        STORAGE_EMULATOR_HOST=storage_emulator.url,
+    )
+    body = post(function, {"prompt": "a red fox", "seed": 5}).json()
+    assert body["filePath"].startswith(f"gs://{bucket.name}/generated/") and body["filePath"].endswith(".png")
+    blob = bucket.get_blob(body["filePath"].removeprefix(f"gs://{bucket.name}/"))
+    assert blob.download_as_bytes() == png_from(body)
+    assert blob.content_type == "image/png" and blob.metadata["seed"] == "5" and blob.metadata["model"] == MODEL
+
+
+def test_a_failing_bucket_still_returns_the_image(run_function, router, storage_emulator):
+    function = run_function(
+        HUGGING_FACE_API_KEY=TEST_TOKEN,
+        HF_ROUTER_URL=router.url,
+        IMAGE_BUCKET="bucket-that-does-not-exist",
+        STORAGE_EMULATOR_HOST=storage_emulator.url,
+    )
+    answer = post(function, {"prompt": "x"})
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["filePath"] is None and "gs://bucket-that-does-not-exist" in body["warning"]
+    assert len(png_from(body)) > 0
