@@ -1,0 +1,43 @@
+"""The README and env.yaml are the user's first contact: keep them true to the code."""
+
+import re
+
+from imagegen.config import Settings, load_settings
+from tests.servers import REPO_ROOT
+
+README = (REPO_ROOT / "README.md").read_text()
+
+
+def codes_in_source() -> set[str]:
+    codes = set()
+    for path in (REPO_ROOT / "imagegen").rglob("*.py"):
+        codes |= set(re.findall(r'\bcode\s*[:=]\s*(?:str\s*=\s*)?"([a-z_]+)"', path.read_text()))
+    return codes
+
+
+def test_every_error_code_is_in_the_readme_table_and_no_other():
+    documented = set(re.findall(r"^\| \d{3} \| `([a-z_]+)` \|", README, re.M))
+    assert documented == codes_in_source()
+
+
+def read_env_yaml() -> dict[str, str]:
+    values = {}
+    for line in (REPO_ROOT / "env.yaml").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition(":")
+            values[key.strip()] = value.strip().strip('"')
+    return values
+
+
+def test_env_yaml_holds_the_defaults_and_no_secret():
+    values = read_env_yaml()
+    assert "HUGGING_FACE_API_KEY" not in values and "HF_TOKEN" not in values
+    assert load_settings(values) == Settings()
+
+
+def test_every_setting_is_in_the_readme_and_env_yaml():
+    config_source = (REPO_ROOT / "imagegen" / "config.py").read_text()
+    variables = set(re.findall(r'"([A-Z][A-Z_]+)"', config_source)) - {"HUGGING_FACE_API_KEY", "HF_TOKEN"}
+    assert variables <= set(read_env_yaml())
+    for name in variables | {"HUGGING_FACE_API_KEY", "HF_TOKEN", "THREADS"}:
+        assert f"| `{name}`" in README, name
