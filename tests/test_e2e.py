@@ -147,3 +147,15 @@ def test_a_failing_bucket_still_returns_the_image(run_function, router, storage_
     body = answer.json()
     assert body["filePath"] is None and "gs://bucket-that-does-not-exist" in body["warning"]
     assert len(png_from(body)) > 0
+
+
+def test_cold_start_imports_neither_the_gcs_client_nor_pillow():
+    """Both cost start-up time; they load on first use (a bucket, a non-PNG or a PNG check)."""
+    import subprocess
+    import sys
+
+    from tests.servers import REPO_ROOT
+
+    probe = "import sys, main; print(sorted(m for m in ('google.cloud.storage', 'PIL') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
