@@ -20,6 +20,14 @@ DEFAULT_ROUTER_URL = "https://router.huggingface.co"
 # Served by hf-inference per Hugging Face's docs (2026); the README says how to change it.
 DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 DEFAULT_TIMEOUT_SECONDS = 120.0
+DEFAULT_DEADLINE_SECONDS = 150.0
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_HUB_URL = "https://huggingface.co"
+DEFAULT_PROVIDER = "hf-inference"
+DEFAULT_MAPPING_TTL_SECONDS = 600.0
+# What HF_PROVIDER and a request's "provider" may name; "auto" asks the Hub which providers
+# serve the model and fails over between them.
+KNOWN_PROVIDERS = ("auto", "hf-inference", "fal-ai", "replicate", "together", "nscale", "wavespeed")
 DEFAULT_IMAGE_DIR = "/tmp/imagegen"
 DEFAULT_IMAGE_DIR_MAX_FILES = 200
 DEFAULT_IMAGE_PREFIX = "images/"
@@ -44,6 +52,12 @@ class Settings:
     hf_model: str = DEFAULT_MODEL
     hf_allowed_models: tuple[str, ...] = (DEFAULT_MODEL,)
     hf_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    hf_deadline_seconds: float = DEFAULT_DEADLINE_SECONDS
+    hf_max_retries: int = DEFAULT_MAX_RETRIES
+    hf_provider: str = DEFAULT_PROVIDER
+    hf_allowed_providers: tuple[str, ...] = (DEFAULT_PROVIDER,)
+    hf_hub_url: str = DEFAULT_HUB_URL
+    hf_mapping_ttl_seconds: float = DEFAULT_MAPPING_TTL_SECONDS
     image_dir: Path = Path(DEFAULT_IMAGE_DIR)
     image_dir_max_files: int = DEFAULT_IMAGE_DIR_MAX_FILES
     image_bucket: str | None = None
@@ -72,6 +86,12 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     model = _model_id("HF_MODEL", get("HF_MODEL") or DEFAULT_MODEL)
     allowed = _model_list("HF_ALLOWED_MODELS", get("HF_ALLOWED_MODELS"))
     bucket = get("IMAGE_BUCKET")
+    provider = _provider("HF_PROVIDER", get("HF_PROVIDER") or DEFAULT_PROVIDER)
+    allowed_providers = tuple(
+        _provider("HF_ALLOWED_PROVIDERS", item.strip())
+        for item in (get("HF_ALLOWED_PROVIDERS") or "").split(",")
+        if item.strip()
+    )
     return Settings(
         hf_token=token,
         hf_router_url=_http_url("HF_ROUTER_URL", get("HF_ROUTER_URL") or DEFAULT_ROUTER_URL),
@@ -80,6 +100,22 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         hf_allowed_models=tuple(dict.fromkeys((model, *allowed))),
         hf_timeout_seconds=_number(
             "HF_TIMEOUT_SECONDS", get("HF_TIMEOUT_SECONDS"), DEFAULT_TIMEOUT_SECONDS, 1, 3600
+        ),
+        hf_deadline_seconds=_number(
+            "HF_DEADLINE_SECONDS", get("HF_DEADLINE_SECONDS"), DEFAULT_DEADLINE_SECONDS, 1, 3600
+        ),
+        hf_max_retries=int(
+            _number("HF_MAX_RETRIES", get("HF_MAX_RETRIES"), DEFAULT_MAX_RETRIES, 0, 10, integer=True)
+        ),
+        hf_provider=provider,
+        hf_allowed_providers=tuple(dict.fromkeys((provider, *allowed_providers))),
+        hf_hub_url=_http_url("HF_HUB_URL", get("HF_HUB_URL") or DEFAULT_HUB_URL),
+        hf_mapping_ttl_seconds=_number(
+            "HF_MAPPING_TTL_SECONDS",
+            get("HF_MAPPING_TTL_SECONDS"),
+            DEFAULT_MAPPING_TTL_SECONDS,
+            0,
+            86_400,
         ),
         image_dir=Path(get("IMAGE_DIR") or DEFAULT_IMAGE_DIR),
         image_dir_max_files=int(
@@ -146,6 +182,12 @@ def _http_url(name: str, raw: str) -> str:
 def _model_id(name: str, raw: str) -> str:
     if not MODEL_ID_PATTERN.match(raw) or ".." in raw:
         raise _invalid(name, raw, "a Hugging Face model id such as 'owner/model-name'")
+    return raw
+
+
+def _provider(name: str, raw: str) -> str:
+    if raw not in KNOWN_PROVIDERS:
+        raise _invalid(name, raw, "one of " + ", ".join(KNOWN_PROVIDERS))
     return raw
 
 

@@ -65,7 +65,11 @@ class ConfigurationError(ImageGenError):
 
 
 class UpstreamError(ImageGenError):
-    """Hugging Face (or the provider behind it) failed; the code says how."""
+    """Hugging Face (or the provider behind it) failed; the code says how.
+
+    `retryable` and `fail_over` tell the client what may help: the same provider again after
+    a wait (`retry_after` seconds when the server said), or the next provider for the model.
+    """
 
     status = 502
     code = "upstream_unavailable"
@@ -77,11 +81,17 @@ class UpstreamError(ImageGenError):
         code: str | None = None,
         upstream_status: int | None = None,
         request_id: str | None = None,
-        headers: dict[str, str] | None = None,
+        retry_after: int | None = None,
+        retryable: bool = False,
+        fail_over: bool = False,
     ) -> None:
+        headers = {"Retry-After": str(max(1, retry_after))} if retry_after is not None else None
         super().__init__(message, code=code, headers=headers)
         self.upstream_status = upstream_status
         self.request_id = request_id
+        self.retry_after = retry_after
+        self.retryable = retryable
+        self.fail_over = fail_over
 
 
 class UpstreamRateLimited(UpstreamError):

@@ -1,19 +1,20 @@
-"""Sending a provider's request through the Hugging Face router and reading the answer.
+"""Getting an image out of the Hugging Face router, as dependably as it can be done.
 
-Every failure becomes an `UpstreamError` whose message says what happened, what to do, and
-what a user needs to report it (provider, model, HF status, request id). The token is added
-here, at the last moment, and is scrubbed from anything upstream echoes back.
+`RouterClient.generate` reads top to bottom: find where the model is served (routes), try each
+route in order with retries (`_with_retries`), each try one request (`_attempt`) plus, for some
+providers, polling and a download. All of it runs inside one deadline, HF_DEADLINE_SECONDS.
+
+Every failure becomes an `UpstreamError` whose message says what happened, what to do, and what
+a user needs to report it (provider, model, HF status, request id). The token is added at the
+last moment, only on requests to the router and the Hub, and is scrubbed from anything echoed.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
-import math
-import time
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import requests
@@ -21,15 +22,31 @@ import requests
 from imagegen.config import MAX_IMAGE_BYTES, Settings
 from imagegen.errors import UpstreamError, UpstreamRateLimited, UpstreamTimeout
 from imagegen.images import NotAnImage, ensure_png
-from imagegen.providers import PROVIDERS, Provider
+from imagegen.provider_mapping import ProviderMapping, Route
+from imagegen.providers import PROVIDERS
+from imagegen.providers.base import (
+    Answer,
+    BadAnswer,
+    ImageUrl,
+    NotFinished,
+    PendingTask,
+    PollingProvider,
+    Provider,
+    TaskFailed,
+)
+from imagegen.retry import MIN_ATTEMPT_SECONDS, RETRYABLE_STATUSES, Timing, backoff_delay, server_delay_seconds
 from imagegen.validation import GenerationRequest
 
 CONNECT_TIMEOUT_SECONDS = 10.0
-USER_AGENT = "imagegen/1.0 (+https://cloud.google.com/functions)"
+USER_AGENT = "imagegen/1.0"
 MAX_ERROR_BODY_BYTES = 64 * 1024
 MAX_UPSTREAM_MESSAGE_CHARS = 300
+POLL_INTERVAL_SECONDS = 0.5
+DEFAULT_RATE_LIMIT_RETRY_AFTER_SECONDS = 60
 
 PROVIDER_MODELS_URL = "https://huggingface.co/models?pipeline_tag=text-to-image&inference_provider={provider}"
+
+logger = logging.getLogger("imagegen")
 
 
 @dataclass(frozen=True)
@@ -43,7 +60,7 @@ class GeneratedImage:
 def new_session(pool_size: int = 64) -> requests.Session:
     """A pooled session: keep-alive to the router saves a TLS handshake per generation."""
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+    adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=pool_size)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     session.headers["User-Agent"] = USER_AGENT
@@ -51,62 +68,139 @@ def new_session(pool_size: int = 64) -> requests.Session:
 
 
 class RouterClient:
-    def __init__(
-        self,
-        settings: Settings,
-        session: requests.Session | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, settings: Settings, session: requests.Session | None = None, timing: Timing = Timing()) -> None:
         self._settings = settings
         self._session = session or new_session()
-        self._clock = clock
+        self._timing = timing
+        self._mapping = ProviderMapping(settings, self._session, timing.clock)
 
-    def generate(self, request: GenerationRequest, provider_name: str = "hf-inference") -> GeneratedImage:
+    def generate(self, request: GenerationRequest) -> GeneratedImage:
         token = self._settings.require_token()
-        provider = PROVIDERS[provider_name]
-        call = provider.build(request, self._settings.hf_router_url)
+        deadline = self._timing.clock() + self._settings.hf_deadline_seconds
+        routes = self._mapping.routes(request.model, request.provider, token)
+        tried: list[str] = []
+        for index, route in enumerate(routes):
+            try:
+                return self._with_retries(route, request, token, deadline)
+            except UpstreamError as error:
+                is_last = index == len(routes) - 1
+                if is_last or not error.fail_over or self._time_left(deadline) < MIN_ATTEMPT_SECONDS:
+                    if tried:
+                        error.message = f"{error.message} Also tried: {', '.join(tried)}."
+                    raise
+                tried.append(f"{route.provider} (HF status {error.upstream_status or error.code})")
+                logger.warning("Provider %s failed (%s); failing over to %s", route.provider, error.code, routes[index + 1].provider)
+        raise AssertionError("routes() returns at least one route")
+
+    def _with_retries(self, route: Route, request: GenerationRequest, token: str, deadline: float) -> GeneratedImage:
+        retries = 0
+        while True:
+            try:
+                return self._attempt(route, request, token, deadline)
+            except UpstreamError as error:
+                if not error.retryable or retries >= self._settings.hf_max_retries:
+                    raise
+                retries += 1
+                delay = backoff_delay(retries, error.retry_after, self._timing.random())
+                if self._time_left(deadline) - delay < MIN_ATTEMPT_SECONDS:
+                    raise  # no time for another try; 429 passes its Retry-After on
+                logger.info("Retrying %s in %.1f s after %s", route.provider, delay, error.code)
+                self._timing.sleep(delay)
+
+    def _attempt(self, route: Route, request: GenerationRequest, token: str, deadline: float) -> GeneratedImage:
+        provider = PROVIDERS[route.provider]
         context = _Context(provider.name, request.model, token)
-        timeout = self._settings.hf_timeout_seconds
-        deadline = self._clock() + timeout
-        headers = {**call.headers, "Authorization": f"Bearer {token}"}
+        call = provider.build(request, route.provider_model, self._settings.hf_router_url)
+        response, body = self._send("POST", call.url, context, deadline, json=call.json, headers={**call.headers, **context.auth()})
         try:
-            response = self._session.post(
-                call.url,
-                json=call.json,
-                headers=headers,
+            answer = provider.read_answer(body, response.headers.get("Content-Type", "").lower())
+            if isinstance(answer, PendingTask):
+                answer = self._poll(provider, answer, context, deadline)
+            data = self._download(answer.url, context, deadline) if isinstance(answer, ImageUrl) else answer.data
+            png = ensure_png(data)
+        except (BadAnswer, NotAnImage) as error:
+            raise context.error(
+                UpstreamError,
+                f"Hugging Face answered without a usable image (got {error}). Try again; if it "
+                "persists, try another model or provider",
+                code="upstream_bad_response",
+            ) from None
+        except TaskFailed as error:
+            raise context.error(
+                UpstreamError,
+                f"The provider could not generate this image: {_clip(str(error))}. Try another "
+                "prompt or model",
+                code="generation_failed",
+            ) from None
+        except NotFinished:
+            raise context.error(
+                UpstreamTimeout,
+                "The provider did not finish the image in time. Try again in a minute",
+                fail_over=True,
+            ) from None
+        return GeneratedImage(png=png, model=request.model, provider=provider.name, request_id=context.request_id)
+
+    def _send(
+        self, method: str, url: str, context: _Context, deadline: float, **kwargs
+    ) -> tuple[requests.Response, bytes]:
+        """One request to the router: the status checked, the body read within the deadline."""
+        timeout = min(self._settings.hf_timeout_seconds, self._time_left(deadline))
+        if timeout <= 0:
+            raise _timeout(context, self._settings)
+        try:
+            response = self._session.request(
+                method,
+                url,
                 timeout=(min(CONNECT_TIMEOUT_SECONDS, timeout), timeout),
                 stream=True,
                 allow_redirects=False,
+                **kwargs,
             )
         except requests.Timeout:
-            raise _timeout(context, timeout) from None
+            raise _timeout(context, self._settings) from None
         except requests.RequestException as error:
             raise _unreachable(context, self._settings.hf_router_url, error) from None
-
         with response:
             context.status = response.status_code
-            context.request_id = response.headers.get("x-request-id")
-            limit = MAX_IMAGE_BYTES if response.status_code == 200 else MAX_ERROR_BODY_BYTES
-            body = self._read_body(response, limit, deadline, context, timeout)
-        if response.status_code != 200:
+            context.request_id = response.headers.get("x-request-id") or context.request_id
+            ok = response.status_code in (200, 201, 202)
+            body = self._read_body(response, MAX_IMAGE_BYTES if ok else MAX_ERROR_BODY_BYTES, deadline, context, ok)
+        if not ok:
             raise _error_for_status(response, body, context)
-        return GeneratedImage(
-            png=_png_from_answer(provider, body, response.headers.get("Content-Type", ""), context),
-            model=request.model,
-            provider=provider.name,
-            request_id=context.request_id,
-        )
+        return response, body
 
-    def _read_body(
-        self,
-        response: requests.Response,
-        limit: int,
-        deadline: float,
-        context: _Context,
-        timeout: float,
-    ) -> bytes:
+    def _poll(self, provider: Provider, task: PendingTask, context: _Context, deadline: float) -> Answer:
+        if not hasattr(provider, "read_task"):
+            raise BadAnswer("a pending task from a provider that answers at once")
+        polling: PollingProvider = provider  # type: ignore[assignment]
+        url = f"{self._settings.hf_router_url}/{provider.name}{task.poll_path}"
+        while True:
+            if self._time_left(deadline) < POLL_INTERVAL_SECONDS:
+                raise _timeout(context, self._settings)
+            self._timing.sleep(POLL_INTERVAL_SECONDS)
+            _, body = self._send("GET", url, context, deadline, headers=context.auth())
+            answer = polling.read_task(body)
+            if answer is not None:
+                return answer
+
+    def _download(self, url: str, context: _Context, deadline: float) -> bytes:
+        """The image from a provider's CDN: https only, no token, bounded in size and time."""
+        if not _downloadable(url):
+            raise BadAnswer(f"an image URL this function will not fetch ({urlsplit(url).scheme or 'no'} scheme)")
+        timeout = min(self._settings.hf_timeout_seconds, self._time_left(deadline))
+        try:
+            with self._session.get(url, timeout=(min(CONNECT_TIMEOUT_SECONDS, timeout), timeout), stream=True) as response:
+                if response.status_code != 200:
+                    raise BadAnswer(f"HTTP {response.status_code} when downloading the image")
+                return self._read_body(response, MAX_IMAGE_BYTES, deadline, context, True)
+        except requests.Timeout:
+            raise _timeout(context, self._settings) from None
+        except requests.RequestException as error:
+            raise BadAnswer(f"no image from its URL ({type(error).__name__})") from None
+
+    def _read_body(self, response: requests.Response, limit: int, deadline: float, context: _Context, is_image: bool) -> bytes:
         declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > limit and response.status_code == 200:
+        if is_image and declared.isdigit() and int(declared) > limit:
             raise _too_large(context, limit)
         chunks: list[bytes] = []
         size = 0
@@ -114,17 +208,20 @@ class RouterClient:
             for chunk in response.iter_content(chunk_size=256 * 1024):
                 size += len(chunk)
                 if size > limit:
-                    if response.status_code == 200:
+                    if is_image:
                         raise _too_large(context, limit)
                     break  # an error page: its first part is all the message we need
                 chunks.append(chunk)
-                if self._clock() > deadline:
-                    raise _timeout(context, timeout)
+                if self._timing.clock() > deadline:
+                    raise _timeout(context, self._settings)
         except requests.Timeout:
-            raise _timeout(context, timeout) from None
+            raise _timeout(context, self._settings) from None
         except requests.RequestException as error:
             raise _unreachable(context, self._settings.hf_router_url, error) from None
         return b"".join(chunks)
+
+    def _time_left(self, deadline: float) -> float:
+        return deadline - self._timing.clock()
 
 
 @dataclass
@@ -137,6 +234,9 @@ class _Context:
     status: int | None = None
     request_id: str | None = None
 
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
     def suffix(self) -> str:
         parts = [f"provider {self.provider}", f"model {self.model}"]
         if self.status is not None:
@@ -148,31 +248,33 @@ class _Context:
     def scrub(self, text: str) -> str:
         return text.replace(self.token, "[redacted]") if self.token else text
 
-    def error(self, cls: type[UpstreamError], message: str, code: str | None = None, **kw) -> UpstreamError:
+    def error(self, cls: type[UpstreamError], message: str, **kwargs) -> UpstreamError:
         return cls(
             self.scrub(message) + self.suffix() + ".",
-            code=code,
             upstream_status=self.status,
             request_id=self.request_id,
-            **kw,
+            **kwargs,
         )
 
 
-def _png_from_answer(provider: Provider, body: bytes, content_type: str, context: _Context) -> bytes:
-    try:
-        return ensure_png(provider.image_bytes(body, content_type.lower()))
-    except NotAnImage as error:
-        raise context.error(
-            UpstreamError,
-            f"Hugging Face answered without an image (got {error}, Content-Type "
-            f"{content_type or 'none'}). Try again; if it persists, try another model",
-            code="upstream_bad_response",
-        ) from None
+def _downloadable(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    # Plain http only to this machine: the tests' stand-in provider CDN.
+    if parts.scheme == "http" and parts.hostname:
+        if parts.hostname == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            return False
+    return False
 
 
 def _error_for_status(response: requests.Response, body: bytes, context: _Context) -> UpstreamError:
     status = response.status_code
-    detail = _upstream_message(body)
+    detail = context.scrub(_upstream_message(body))
     said = f": {detail}" if detail else ""
     if status in (401, 403):
         return context.error(
@@ -189,40 +291,48 @@ def _error_for_status(response: requests.Response, body: bytes, context: _Contex
             "then try again" + said,
             code="upstream_credits_exhausted",
         )
-    if status in (404, 410):
+    if status in (404, 410) or (status == 400 and "model_not_supported" in detail.lower().replace(" ", "_")):
         return context.error(
             UpstreamError,
-            f"The model is not served by the {context.provider} provider" + said + ". Choose a "
-            "model that is (see "
-            + PROVIDER_MODELS_URL.format(provider=context.provider)
-            + ") and set HF_MODEL, or try another model",
+            f"The model is not served by the {context.provider} provider{said}. Set HF_PROVIDER=auto "
+            f"to use any provider that serves it, or set HF_MODEL to a model that {context.provider} "
+            f"serves ({PROVIDER_MODELS_URL.format(provider=context.provider)})",
             code="model_not_available",
+            fail_over=True,
         )
-    retry_after = _retry_after_seconds(response.headers.get("Retry-After"), body)
-    wait_hint = f" Try again in {retry_after} seconds." if retry_after else " Try again in a minute."
-    headers = {"Retry-After": str(retry_after)} if retry_after else {}
+    delay = server_delay_seconds(response.headers.get("Retry-After"), body)
+    wait_hint = f" Try again in {max(1, delay)} seconds" if delay is not None else " Try again in a minute"
+    retryable = status in RETRYABLE_STATUSES
     if status == 429:
-        return context.error(
+        error = context.error(
             UpstreamRateLimited,
-            "Hugging Face is rate-limiting this server" + said + "." + wait_hint.rstrip("."),
-            headers=headers,
+            "Hugging Face is rate-limiting this server" + said + "." + wait_hint,
+            retry_after=delay,
+            retryable=True,
         )
+        # Our caller always learns when to come back, even when Hugging Face did not say.
+        error.headers.setdefault("Retry-After", str(DEFAULT_RATE_LIMIT_RETRY_AFTER_SECONDS))
+        return error
     if status in (408, 504):
         return context.error(
             UpstreamTimeout,
-            "Hugging Face timed out generating the image" + said + "." + wait_hint.rstrip("."),
-            headers=headers,
+            "Hugging Face timed out generating the image" + said + "." + wait_hint,
+            retry_after=delay,
+            retryable=True,
+            fail_over=True,
         )
     if status >= 500:
         return context.error(
             UpstreamError,
-            "Hugging Face had a problem generating the image" + said + "." + wait_hint.rstrip("."),
+            "Hugging Face had a problem generating the image" + said + "." + wait_hint,
             code="upstream_unavailable",
-            headers=headers,
+            retry_after=delay,
+            retryable=retryable,
+            fail_over=True,
         )
     return context.error(
         UpstreamError,
-        f"Hugging Face refused the request" + said + ". The model may not support one of the "
+        "Hugging Face refused the request" + said + ". The model may not support one of the "
         "parameters (size, steps, guidance): try without them or with another model",
         code="upstream_rejected",
     )
@@ -234,7 +344,7 @@ def _upstream_message(body: bytes) -> str:
         answer = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         text = body.decode("utf-8", "replace").strip()
-        return "" if text.lstrip().lower().startswith(("<!doctype", "<html")) else _clip(text)
+        return "" if text.lower().startswith(("<!doctype", "<html")) else _clip(text)
     if not isinstance(answer, dict):
         return ""
     parts: list[str] = []
@@ -243,15 +353,15 @@ def _upstream_message(body: bytes) -> str:
         parts.append(error)
     elif isinstance(error, list):
         parts.extend(str(item) for item in error)
-    elif isinstance(error, dict) and isinstance(error.get("message"), str):
-        parts.append(error["message"])
+    elif isinstance(error, dict):
+        parts.extend(str(error[key]) for key in ("message", "code") if isinstance(error.get(key), str))
     if isinstance(answer.get("error_description"), str):
         parts.append(answer["error_description"])
     for item in answer.get("errors") or []:
         if isinstance(item, dict) and isinstance(item.get("message"), str):
             parts.append(item["message"])
-    if not parts and isinstance(answer.get("message"), str):
-        parts.append(answer["message"])
+    if not parts:
+        parts.extend(str(answer[key]) for key in ("message", "detail") if isinstance(answer.get(key), str))
     return _clip("; ".join(parts))
 
 
@@ -262,34 +372,14 @@ def _clip(text: str) -> str:
     return text.rstrip(".")
 
 
-def _retry_after_seconds(header: str | None, body: bytes) -> int | None:
-    """Seconds to wait, from Retry-After (seconds or an HTTP date) or a 503's estimated_time."""
-    if header:
-        header = header.strip()
-        if header.isdigit():
-            return max(1, int(header))
-        try:
-            when = parsedate_to_datetime(header)
-        except (TypeError, ValueError, IndexError):
-            when = None
-        if when is not None:
-            if when.tzinfo is None:
-                when = when.replace(tzinfo=timezone.utc)
-            return max(1, math.ceil((when - datetime.now(timezone.utc)).total_seconds()))
-    try:
-        estimated = json.loads(body).get("estimated_time")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return None
-    if isinstance(estimated, (int, float)) and math.isfinite(estimated) and estimated > 0:
-        return min(3600, math.ceil(estimated))
-    return None
-
-
-def _timeout(context: _Context, seconds: float) -> UpstreamError:
+def _timeout(context: _Context, settings: Settings) -> UpstreamError:
     return context.error(
         UpstreamTimeout,
-        f"Hugging Face did not answer within {seconds:g} seconds (HF_TIMEOUT_SECONDS). "
-        "The model may be busy or starting: try again in a minute",
+        f"Hugging Face did not answer in time (HF_TIMEOUT_SECONDS={settings.hf_timeout_seconds:g}, "
+        f"HF_DEADLINE_SECONDS={settings.hf_deadline_seconds:g}). The model may be busy or starting: "
+        "try again in a minute",
+        retryable=True,
+        fail_over=True,
     )
 
 
@@ -300,6 +390,7 @@ def _unreachable(context: _Context, router_url: str, error: Exception) -> Upstre
         f"Could not reach Hugging Face at {host} ({type(error).__name__}). "
         "Check the server's network and HF_ROUTER_URL, then try again",
         code="upstream_unreachable",
+        retryable=True,
     )
 
 

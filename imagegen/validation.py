@@ -20,13 +20,14 @@ MIN_STEPS, MAX_STEPS = 1, 100
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
 MAX_SEED = 4_294_967_295
 
-KNOWN_FIELDS = ("prompt", "negativePrompt", "width", "height", "steps", "guidanceScale", "seed", "model")
+KNOWN_FIELDS = ("prompt", "negativePrompt", "width", "height", "steps", "guidanceScale", "seed", "model", "provider")
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     model: str
+    provider: str = "hf-inference"
     negative_prompt: str | None = None
     width: int | None = None
     height: int | None = None
@@ -69,6 +70,7 @@ def parse_generation_request(body: bytes, settings: Settings) -> GenerationReque
     return GenerationRequest(
         prompt=prompt,
         model=_model(data, settings),
+        provider=_provider(data, settings),
         negative_prompt=_text(data, "negativePrompt", settings.max_prompt_chars) or None,
         width=_side(data, "width"),
         height=_side(data, "height"),
@@ -180,3 +182,19 @@ def _model(data: dict[str, Any], settings: Settings) -> str:
         )
     return value
 
+
+
+def _provider(data: dict[str, Any], settings: Settings) -> str:
+    value = data.get("provider")
+    if value is None:
+        return settings.hf_provider
+    if not isinstance(value, str):
+        raise _invalid("provider", "a provider name string", value)
+    if value not in settings.hf_allowed_providers:
+        raise InvalidRequest(
+            f'The provider "{value[:40]}" is not allowed here. Allowed providers: '
+            f"{', '.join(settings.hf_allowed_providers)} (the server's HF_ALLOWED_PROVIDERS setting).",
+            code="provider_not_allowed",
+            field="provider",
+        )
+    return value

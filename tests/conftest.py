@@ -44,7 +44,8 @@ def make_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """A test client for main.py exactly as functions-framework loads it, with these settings."""
 
     def make(**env: str):
-        settings = {"HUGGING_FACE_API_KEY": TEST_TOKEN, "IMAGE_DIR": str(tmp_path / "images"), **env}
+        # Retry timing is tested with a fake clock (test_resilience); here retries would sleep.
+        settings = {"HUGGING_FACE_API_KEY": TEST_TOKEN, "IMAGE_DIR": str(tmp_path / "images"), "HF_MAX_RETRIES": "0", **env}
         for name, value in settings.items():
             monkeypatch.setenv(name, value)
         app = functions_framework.create_app(target="generate_image", source=str(REPO_ROOT / "main.py"))

@@ -14,6 +14,7 @@ from imagegen.hf_client import RouterClient
 from imagegen.validation import GenerationRequest
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import make_png
+from tests.fakes import FakeClock
 
 MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 URL = f"https://router.huggingface.co/hf-inference/models/{MODEL}"
@@ -21,8 +22,13 @@ REQUEST = GenerationRequest(prompt="a red fox", model=MODEL)
 
 
 @pytest.fixture
-def client(make_settings):
-    return RouterClient(make_settings())
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def client(make_settings, clock):
+    return RouterClient(make_settings(HF_MAX_RETRIES="0"), timing=clock.timing())
 
 
 def generate_error(client, request=REQUEST) -> UpstreamError:
@@ -139,6 +145,12 @@ def test_503_estimated_time_becomes_retry_after(client):
 
 
 @responses.activate
+def test_429_without_retry_after_still_says_when(client):
+    responses.post(URL, json={"error": "slow down"}, status=429)
+    assert generate_error(client).headers == {"Retry-After": "60"}
+
+
+@responses.activate
 def test_429_passes_retry_after_on(client):
     responses.post(URL, json={"error": "slow down"}, status=429, headers={"Retry-After": "37"})
     error = generate_error(client)
@@ -190,7 +202,7 @@ def test_timeout(client):
     responses.post(URL, body=requests.ReadTimeout("slow"))
     error = generate_error(client)
     assert isinstance(error, UpstreamTimeout) and error.status == 504
-    assert "HF_TIMEOUT_SECONDS" in error.message
+    assert "HF_TIMEOUT_SECONDS" in error.message and "HF_DEADLINE_SECONDS" in error.message
 
 
 @responses.activate

@@ -1,10 +1,14 @@
-"""The seam between building an upstream request and sending it."""
+"""The seam between building an upstream request and sending it, and the shapes of answers."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
+from imagegen.images import describe_non_image
 from imagegen.validation import GenerationRequest
 
 
@@ -17,11 +21,80 @@ class UpstreamCall:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ImageBytes:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ImageUrl:
+    """The image is at this URL (a provider's CDN): download it, without our token."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class PendingTask:
+    """Still generating: poll this path on the router (under the provider's prefix)."""
+
+    poll_path: str
+
+
+Answer = Union[ImageBytes, ImageUrl, PendingTask]
+
+
+class BadAnswer(ValueError):
+    """A 200 without an image where the provider puts one; the message says what came."""
+
+
+class TaskFailed(Exception):
+    """The provider says the generation failed; the message is the provider's reason."""
+
+
+class NotFinished(Exception):
+    """The provider gave up waiting before the image was ready."""
+
+
 class Provider(Protocol):
     name: str
 
-    def build(self, request: GenerationRequest, router_url: str) -> UpstreamCall: ...
+    def build(self, request: GenerationRequest, provider_model: str, router_url: str) -> UpstreamCall: ...
 
-    def image_bytes(self, body: bytes, content_type: str) -> bytes:
-        """The image from a 200 answer; raises `NotAnImage` when there is none."""
+    def read_answer(self, body: bytes, content_type: str) -> Answer: ...
+
+
+class PollingProvider(Provider, Protocol):
+    def read_task(self, body: bytes) -> Answer | None:
+        """The result of a poll: the answer when done, None while it is still running."""
         ...
+
+
+def hf_style_parameters(request: GenerationRequest) -> dict[str, Any]:
+    """The parameters under Hugging Face's names, absent ones left out."""
+    parameters = {
+        "negative_prompt": request.negative_prompt,
+        "width": request.width,
+        "height": request.height,
+        "num_inference_steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "seed": request.seed,
+    }
+    return {key: value for key, value in parameters.items() if value is not None}
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadAnswer(describe_non_image(body)) from None
+    if not isinstance(answer, dict):
+        raise BadAnswer("JSON that is not an object")
+    return answer
+
+
+def first_b64_image(answer: dict[str, Any]) -> ImageBytes:
+    """`{"data": [{"b64_json": ...}]}`, the OpenAI-style shape several providers use."""
+    try:
+        return ImageBytes(base64.b64decode(answer["data"][0]["b64_json"], validate=True))
+    except (KeyError, IndexError, TypeError, binascii.Error, ValueError):
+        raise BadAnswer('JSON without "data"[0]["b64_json"]') from None

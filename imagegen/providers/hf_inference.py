@@ -6,43 +6,27 @@ the answer is raw image bytes, or JSON {"data": [{"b64_json": ...}]} from some e
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from typing import Any
 from urllib.parse import quote
 
-from imagegen.images import NotAnImage, describe_non_image
-from imagegen.providers.base import UpstreamCall
+from imagegen.providers.base import Answer, ImageBytes, UpstreamCall, first_b64_image, hf_style_parameters, json_object
 from imagegen.validation import GenerationRequest
 
 
 class HFInference:
     name = "hf-inference"
 
-    def build(self, request: GenerationRequest, router_url: str) -> UpstreamCall:
-        parameters: dict[str, Any] = {
-            "negative_prompt": request.negative_prompt,
-            "width": request.width,
-            "height": request.height,
-            "num_inference_steps": request.steps,
-            "guidance_scale": request.guidance_scale,
-            "seed": request.seed,
-        }
+    def build(self, request: GenerationRequest, provider_model: str, router_url: str) -> UpstreamCall:
         payload: dict[str, Any] = {"inputs": request.prompt}
-        present = {key: value for key, value in parameters.items() if value is not None}
-        if present:
-            payload["parameters"] = present
+        parameters = hf_style_parameters(request)
+        if parameters:
+            payload["parameters"] = parameters
         # quote() keeps the '/' between owner and name; the model id pattern in config has
         # already ruled out anything that could leave this path.
-        url = f"{router_url}/hf-inference/models/{quote(request.model, safe='/')}"
+        url = f"{router_url}/hf-inference/models/{quote(provider_model, safe='/')}"
         return UpstreamCall(url=url, json=payload, headers={"Accept": "image/png"})
 
-    def image_bytes(self, body: bytes, content_type: str) -> bytes:
-        if not content_type.startswith("application/json"):
-            return body
-        try:
-            answer = json.loads(body)
-            return base64.b64decode(answer["data"][0]["b64_json"], validate=True)
-        except (ValueError, KeyError, IndexError, TypeError, binascii.Error):
-            raise NotAnImage(describe_non_image(body)) from None
+    def read_answer(self, body: bytes, content_type: str) -> Answer:
+        if content_type.startswith("application/json"):
+            return first_b64_image(json_object(body))
+        return ImageBytes(body)

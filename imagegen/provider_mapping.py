@@ -1,0 +1,145 @@
+"""Which providers serve a model, and under which id, from the Hub's provider mapping.
+
+GET {hub}/api/models/{model}?expand[]=inferenceProviderMapping answers the live mappings in
+the account's order of preference. The answer is cached per model for HF_MAPPING_TTL_SECONDS:
+the Hub allows 1,000 requests per 5 minutes, and a lookup per generation would add latency.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from imagegen.config import Settings
+from imagegen.errors import UpstreamError
+from imagegen.providers import PROVIDERS
+
+LOOKUP_TIMEOUT_SECONDS = 10.0
+TASK = "text-to-image"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One place to send a generation: a provider and the model's id there."""
+
+    provider: str
+    provider_model: str
+
+
+class HubUnavailable(Exception):
+    """The Hub could not be asked; `auto` then falls back to hf-inference."""
+
+
+class ProviderMapping:
+    def __init__(self, settings: Settings, session: requests.Session, clock: Callable[[], float]) -> None:
+        self._settings = settings
+        self._session = session
+        self._clock = clock
+        self._cache: dict[str, tuple[float, tuple[Route, ...]]] = {}
+        self._lock = threading.Lock()
+
+    def routes(self, model: str, provider: str, token: str) -> list[Route]:
+        """Where to try, in order. hf-inference needs no lookup: its id is the model id."""
+        if provider == "hf-inference":
+            return [Route("hf-inference", model)]
+        try:
+            served = self._served_by(model, token)
+        except HubUnavailable:
+            if provider == "auto":
+                return [Route("hf-inference", model)]
+            raise UpstreamError(
+                f"Could not ask the Hugging Face Hub which id {provider} uses for model {model}. "
+                "Try again in a minute",
+                code="upstream_unavailable",
+            ) from None
+        if provider == "auto":
+            if not served:
+                raise _not_served(model, "any supported provider")
+            return list(served)
+        chosen = [route for route in served if route.provider == provider]
+        if not chosen:
+            raise _not_served(model, f"the {provider} provider", served)
+        return chosen
+
+    def _served_by(self, model: str, token: str) -> tuple[Route, ...]:
+        now = self._clock()
+        with self._lock:
+            cached = self._cache.get(model)
+        if cached and cached[0] > now:
+            return cached[1]
+        routes = self._look_up(model, token)
+        with self._lock:
+            self._cache[model] = (now + self._settings.hf_mapping_ttl_seconds, routes)
+        return routes
+
+    def _look_up(self, model: str, token: str) -> tuple[Route, ...]:
+        url = f"{self._settings.hf_hub_url}/api/models/{quote(model, safe='/')}"
+        try:
+            response = self._session.get(
+                url,
+                params={"expand[]": "inferenceProviderMapping"},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=LOOKUP_TIMEOUT_SECONDS,
+            )
+        except requests.RequestException:
+            raise HubUnavailable() from None
+        if response.status_code in (401, 403):
+            raise UpstreamError(
+                "The Hugging Face Hub rejected the server's token. Check that HUGGING_FACE_API_KEY "
+                f"holds a valid token (Hub status {response.status_code})",
+                code="upstream_unauthorized",
+                upstream_status=response.status_code,
+            )
+        if response.status_code == 404:
+            raise UpstreamError(
+                f"There is no model {model} on the Hugging Face Hub (or it is private to another "
+                "account). Check HF_MODEL and HF_ALLOWED_MODELS",
+                code="model_not_available",
+                upstream_status=404,
+            )
+        if response.status_code != 200:
+            raise HubUnavailable()
+        try:
+            return tuple(_live_routes(response.json().get("inferenceProviderMapping")))
+        except (ValueError, AttributeError):
+            raise HubUnavailable() from None
+
+
+def _live_routes(mapping: Any) -> list[Route]:
+    """Live text-to-image mappings we can call, in the Hub's order.
+
+    The Hub has answered both {"provider": {...}} and [{"provider": ..., ...}]; take either.
+    """
+    if isinstance(mapping, dict):
+        entries = [{"provider": name, **info} for name, info in mapping.items() if isinstance(info, dict)]
+    elif isinstance(mapping, list):
+        entries = [entry for entry in mapping if isinstance(entry, dict)]
+    else:
+        entries = []
+    routes = []
+    for entry in entries:
+        provider, provider_id = entry.get("provider"), entry.get("providerId")
+        if (
+            provider in PROVIDERS
+            and entry.get("status") == "live"
+            and entry.get("task") == TASK
+            and isinstance(provider_id, str)
+            and provider_id
+        ):
+            routes.append(Route(provider, provider_id))
+    return routes
+
+
+def _not_served(model: str, where: str, served: tuple[Route, ...] = ()) -> UpstreamError:
+    others = ", ".join(route.provider for route in served)
+    hint = f" It is served by: {others}; set HF_PROVIDER (or the request's provider) to one of them, or to auto." if others else " Choose another model."
+    return UpstreamError(
+        f"The model {model} is not served for text-to-image by {where}, according to the "
+        f"Hugging Face Hub.{hint}".rstrip("."),
+        code="model_not_available",
+    )

@@ -1,0 +1,33 @@
+"""fal.ai through the router: POST {router}/fal-ai/{providerId}.
+
+Payload {"prompt", ...HF-style parameters}, with width and height as "image_size"; the answer
+is {"images": [{"url": ...}]}, an image to download.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from imagegen.providers.base import Answer, BadAnswer, ImageUrl, UpstreamCall, hf_style_parameters, json_object
+from imagegen.validation import GenerationRequest
+
+
+class FalAI:
+    name = "fal-ai"
+
+    def build(self, request: GenerationRequest, provider_model: str, router_url: str) -> UpstreamCall:
+        parameters = hf_style_parameters(request)
+        if "width" in parameters and "height" in parameters:
+            parameters["image_size"] = {"width": parameters.pop("width"), "height": parameters.pop("height")}
+        payload = {"prompt": request.prompt, **parameters, "output_format": "png"}
+        return UpstreamCall(url=f"{router_url}/fal-ai/{quote(provider_model, safe='/')}", json=payload)
+
+    def read_answer(self, body: bytes, content_type: str) -> Answer:
+        answer = json_object(body)
+        try:
+            url = answer["images"][0]["url"]
+        except (KeyError, IndexError, TypeError):
+            raise BadAnswer('JSON without "images"[0]["url"]') from None
+        if not isinstance(url, str):
+            raise BadAnswer("an image URL that is not a string")
+        return ImageUrl(url)
