@@ -8,8 +8,10 @@ into a generic 500 that shows no internals.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,9 +23,12 @@ from imagegen.cors import cors_headers, preflight_headers
 from imagegen.errors import ConfigurationError, ImageGenError, MethodNotAllowed, PayloadTooLarge, StorageError
 from imagegen.hf_client import GeneratedImage, RouterClient
 from imagegen.logs import get_logger, prompt_fingerprint
+from imagegen.png_info import embed_parameters
 from imagegen.storage import ImageMetadata, ImageStore, image_name, make_store
 from imagegen.validation import GenerationRequest, check_content_type, parse_generation_request
 
+# Seeds the server picks stay below 2**31: some providers take only signed 32-bit seeds.
+MAX_CHOSEN_SEED = 2**31 - 1
 # Cloud Run caps request bodies at 32 MiB; draining more than that is never needed.
 MAX_DRAIN_BYTES = 32 * 1024 * 1024
 COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
@@ -37,10 +42,12 @@ class Handler:
         store: ImageStore | None = None,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
+        choose_seed: Callable[[], int] = lambda: secrets.randbelow(MAX_CHOSEN_SEED + 1),
     ) -> None:
         self._settings = settings
         self._logger = logger or get_logger()
         self._clock = clock
+        self._choose_seed = choose_seed
         if isinstance(settings, Settings):
             self._client = client or RouterClient(settings)
             self._store = store or make_store(settings)
@@ -80,8 +87,13 @@ class Handler:
             raise settings
         check_content_type(request.headers.get("Content-Type"))
         generation = parse_generation_request(_read_body(request), settings)
+        if generation.seed is None:
+            # Always send a seed, so that every answer's seed reproduces its image.
+            generation = dataclasses.replace(generation, seed=self._choose_seed())
         log.update(model=generation.model, **prompt_fingerprint(generation.prompt))
         image = self._client.generate(generation)
+        log["provider"] = image.provider
+        image = dataclasses.replace(image, png=embed_parameters(image.png, generation, image.provider))
         file_path, warning = self._store_image(image, generation)
         if warning:
             log["warning"] = warning
@@ -141,7 +153,12 @@ def success_body(
 
     The image is megabytes; base64 needs no JSON escaping, so this saves a full scan and copy.
     """
-    fields: dict[str, Any] = {"filePath": file_path, "model": image.model, "seed": generation.seed}
+    fields: dict[str, Any] = {
+        "filePath": file_path,
+        "model": image.model,
+        "provider": image.provider,
+        "seed": generation.seed,
+    }
     if warning:
         fields["warning"] = warning
     rest = json.dumps(fields, ensure_ascii=False)[1:].encode()  # '"filePath": ..., ...}'

@@ -1,12 +1,14 @@
 """The HTTP contract through functions-framework's own test client, upstream mocked by `responses`."""
 
 import base64
+import io
 import json
 import logging
 
 import pytest
 import requests
 import responses
+from PIL import Image
 
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import make_png
@@ -28,6 +30,11 @@ def decode_data_url(url: str) -> bytes:
     return base64.b64decode(url[len(prefix):], validate=True)
 
 
+def pixels(png: bytes) -> tuple:
+    with Image.open(io.BytesIO(png)) as image:
+        return image.format, image.size, image.tobytes()
+
+
 def test_success_returns_the_image_and_where_it_is_stored(make_app, mocked, tmp_path):
     png = make_png(256, 256)
     mocked.post(URL, body=png, content_type="image/png")
@@ -35,18 +42,41 @@ def test_success_returns_the_image_and_where_it_is_stored(make_app, mocked, tmp_
     assert answer.status_code == 200 and answer.mimetype == "application/json"
     body = answer.get_json()
     assert body["success"] is True and body["model"] == MODEL and body["seed"] == 7
-    assert "warning" not in body
-    assert decode_data_url(body["imageUrl"]) == png
+    assert body["provider"] == "hf-inference" and "warning" not in body
     assert body["filePath"].startswith(str(tmp_path / "images")) and body["filePath"].endswith(".png")
     with open(body["filePath"], "rb") as stored:
-        assert stored.read() == png
+        assert stored.read() == decode_data_url(body["imageUrl"])
+    assert pixels(decode_data_url(body["imageUrl"])) == pixels(png)  # metadata added, pixels untouched
     assert answer.headers["Cache-Control"] == "no-store"
 
 
-def test_seed_is_null_when_not_given_and_any_path_works(make_app, mocked):
+def test_parameters_are_embedded_where_png_info_readers_find_them(make_app, mocked):
+    mocked.post(URL, body=make_png(256, 320), content_type="image/png")
+    request = {"prompt": "a red fox, 東京", "negativePrompt": "blurry", "steps": 30, "guidanceScale": 7.5, "seed": 42}
+    body = make_app().post("/", json=request).get_json()
+    with Image.open(body["filePath"]) as image:
+        image.load()
+        assert image.text["parameters"] == (
+            "a red fox, 東京\n"
+            "Negative prompt: blurry\n"
+            f"Steps: 30, CFG scale: 7.5, Seed: 42, Size: 256x320, Model: {MODEL}, Provider: hf-inference"
+        )
+        assert image.text["provider"] == "hf-inference"
+
+
+def test_without_a_seed_the_server_chooses_and_sends_one(make_app, mocked):
     mocked.post(URL, body=make_png(), content_type="image/png")
-    body = make_app().post("/", json={"prompt": "x"}).get_json()
-    assert body["success"] is True and body["seed"] is None
+    app = make_app()
+    seeds = [app.post("/", json={"prompt": "x"}).get_json()["seed"] for _ in range(3)]
+    assert all(isinstance(seed, int) and 0 <= seed < 2**31 for seed in seeds)
+    assert len(set(seeds)) == 3
+    sent = [json.loads(call.request.body)["parameters"]["seed"] for call in mocked.calls]
+    assert sent == seeds
+
+
+def test_any_path_works(make_app, mocked):
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    assert make_app().post("/some/other/path", json={"prompt": "x"}).get_json()["success"] is True
 
 
 def test_allowed_model_is_used(make_app, mocked):
@@ -151,7 +181,7 @@ def test_storage_failure_still_returns_the_image(make_app, mocked, tmp_path):
     body = answer.get_json()
     assert body["success"] is True and body["filePath"] is None
     assert "could not be stored" in body["warning"] and "IMAGE_DIR" in body["warning"]
-    assert decode_data_url(body["imageUrl"]) == png
+    assert pixels(decode_data_url(body["imageUrl"])) == pixels(png)
 
 
 def test_unexpected_errors_are_a_plain_500(make_app, mocked, monkeypatch):

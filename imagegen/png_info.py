@@ -1,0 +1,60 @@
+"""The generation parameters inside the PNG, as AUTOMATIC1111's "PNG Info" tab reads them.
+
+Text chunks are spliced in after IHDR: no decoding, no re-encoding (which costs hundreds of
+milliseconds at 1024x1024), and the pixels stay byte-for-byte what the provider made.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+from imagegen.images import PNG_SIGNATURE
+from imagegen.validation import GenerationRequest
+
+_IHDR_END = len(PNG_SIGNATURE) + 4 + 4 + 13 + 4  # signature, length, type, 13 data bytes, CRC
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    width, height = struct.unpack(">II", png[16:24])
+    return width, height
+
+
+def a1111_parameters(generation: GenerationRequest, provider: str, size: tuple[int, int]) -> str:
+    """'prompt\\nNegative prompt: ...\\nSteps: 30, CFG scale: 7, Seed: 42, Size: 1024x1024, Model: ...'"""
+    lines = [generation.prompt]
+    if generation.negative_prompt:
+        lines.append(f"Negative prompt: {generation.negative_prompt}")
+    fields: list[tuple[str, object]] = []
+    if generation.steps is not None:
+        fields.append(("Steps", generation.steps))
+    if generation.guidance_scale is not None:
+        fields.append(("CFG scale", f"{generation.guidance_scale:g}"))
+    if generation.seed is not None:
+        fields.append(("Seed", generation.seed))
+    fields += [("Size", f"{size[0]}x{size[1]}"), ("Model", generation.model), ("Provider", provider)]
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields))
+    return "\n".join(lines)
+
+
+def embed_parameters(png: bytes, generation: GenerationRequest, provider: str) -> bytes:
+    if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG that starts with IHDR")
+    text = {
+        "parameters": a1111_parameters(generation, provider, png_size(png)),
+        "provider": provider,
+        "Software": "imagegen",
+    }
+    chunks = b"".join(_text_chunk(keyword, value) for keyword, value in text.items())
+    return png[:_IHDR_END] + chunks + png[_IHDR_END:]
+
+
+def _text_chunk(keyword: str, text: str) -> bytes:
+    # tEXt holds Latin-1 only; anything else (most non-English prompts) goes in UTF-8 iTXt,
+    # as AUTOMATIC1111 itself does.
+    try:
+        kind, data = b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
+    except UnicodeEncodeError:
+        # keyword, NUL, compression flag 0, method 0, empty language tag, empty translation
+        kind, data = b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
