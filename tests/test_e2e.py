@@ -37,7 +37,10 @@ def test_generates_stores_and_returns_the_image(run_function, router, tmp_path):
     assert body["filePath"].startswith(str(tmp_path / "out")) and "a-lighthouse-at-dusk" in body["filePath"]
     with open(body["filePath"], "rb") as stored:
         assert stored.read() == png
-    assert (body["model"], body["seed"]) == (MODEL, 99)
+    with Image.open(body["filePath"]) as image:
+        image.load()
+        assert "Seed: 99, Size: 512x256" in image.text["parameters"]
+    assert (body["model"], body["seed"], body["provider"]) == (MODEL, 99, "hf-inference")
 
     (sent,) = router.requests
     assert sent.path == f"/hf-inference/models/{MODEL}"
@@ -55,6 +58,7 @@ def test_errors_and_cors_through_the_real_server(run_function, router, tmp_path)
         HF_ROUTER_URL=router.url,
         IMAGE_DIR=str(tmp_path / "out"),
         CORS_ALLOWED_ORIGINS="http://localhost:5173",
+        HF_MAX_RETRIES="0",
     )
     origin = {"Origin": "http://localhost:5173"}
     preflight = requests.options(f"{function.url}/api/generate-image", headers={**origin, "Access-Control-Request-Method": "POST"}, timeout=10)
@@ -85,6 +89,14 @@ def test_errors_and_cors_through_the_real_server(run_function, router, tmp_path)
     assert "Traceback" not in log
 
 
+def test_a_busy_router_is_retried_after_its_retry_after(run_function, router, tmp_path):
+    function = run_function(HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, IMAGE_DIR=str(tmp_path))
+    router.reply_error(503, {"error": "Model is currently loading", "estimated_time": 1.0})
+    answer = post(function, {"prompt": "x", "seed": 1})
+    assert answer.status_code == 200 and len(router.requests) == 2
+    assert router.requests[0].json() == router.requests[1].json()
+
+
 def test_wrong_token_is_reported_as_such(run_function, router, tmp_path):
     function = run_function(HUGGING_FACE_API_KEY="hf_wrong", HF_ROUTER_URL=router.url, IMAGE_DIR=str(tmp_path))
     answer = post(function, {"prompt": "x"})
@@ -93,7 +105,7 @@ def test_wrong_token_is_reported_as_such(run_function, router, tmp_path):
 
 
 def test_upstream_timeout_is_504_within_the_limit(run_function, router, tmp_path):
-    function = run_function(HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, HF_TIMEOUT_SECONDS="1", IMAGE_DIR=str(tmp_path))
+    function = run_function(HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, HF_TIMEOUT_SECONDS="1", HF_MAX_RETRIES="0", IMAGE_DIR=str(tmp_path))
     router.reply(Reply(hold_seconds=20))
     started = time.monotonic()
     answer = post(function, {"prompt": "x"})
@@ -104,7 +116,9 @@ def test_upstream_timeout_is_504_within_the_limit(run_function, router, tmp_path
 def test_unreachable_router_is_502(run_function, tmp_path):
     from tests.servers import free_port
 
-    function = run_function(HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=f"http://127.0.0.1:{free_port()}", IMAGE_DIR=str(tmp_path))
+    function = run_function(
+        HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=f"http://127.0.0.1:{free_port()}", HF_MAX_RETRIES="0", IMAGE_DIR=str(tmp_path)
+    )
     answer = post(function, {"prompt": "x"})
     assert answer.status_code == 502 and answer.json()["code"] == "upstream_unreachable"
 
