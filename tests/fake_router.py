@@ -1,14 +1,20 @@
-"""A stand-in for https://router.huggingface.co on loopback, speaking its wire format.
+"""A stand-in for https://router.huggingface.co (and the Hub) on loopback, in their wire format.
 
-POST /hf-inference/models/{owner}/{name} with `Authorization: Bearer <token>` and a JSON body
-{"inputs": prompt, "parameters": {...}}; the answer is raw PNG bytes of the requested size, or
-the router's JSON error shapes (`{"error": "..."}` with `x-request-id`, `Retry-After`). Tests
-script answers with `reply()`, and read what arrived in `requests`.
+- POST /hf-inference/models/{owner}/{name}, {"inputs", "parameters"}: raw PNG of the asked size.
+- POST /fal-ai/{id}: {"images": [{"url": <this server>/cdn/N.png}]}, the PNG served there.
+- POST /together/v1/images/generations, /nscale/v1/images/generations: {"data": [{"b64_json"}]}.
+- POST /wavespeed/api/v3/{id}: a task; GET its urls.get path: "processing", then "completed".
+- GET /api/models/{owner}/{name}?expand[]=inferenceProviderMapping: from `mappings`.
+Every route but the CDN needs `Authorization: Bearer <token>` (else the router's 401 JSON).
+Errors use the router's shapes (`{"error": "..."}`, `x-request-id`, `Retry-After`). Tests
+script the next POST answers with `reply()` and read what arrived in `requests`.
 """
 
 from __future__ import annotations
 
+import base64
 import io
+import itertools
 import json
 import threading
 import uuid
@@ -54,6 +60,10 @@ class FakeRouter:
         self._replies: deque[Reply] = deque()
         self._release = threading.Event()
         self._lock = threading.Lock()
+        self.mappings: dict[str, dict] = {}  # model id -> the Hub's inferenceProviderMapping
+        self._cdn: dict[str, bytes] = {}
+        self._polls: dict[str, int] = {}
+        self._ids = itertools.count(1)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -81,6 +91,14 @@ class FakeRouter:
         body = json.dumps({"error": error} if isinstance(error, str) else error).encode()
         self.reply(Reply(status, body, {"Content-Type": "application/json", **(headers or {})}))
 
+    def _publish(self, png: bytes) -> str:
+        name = f"{next(self._ids)}.png"
+        self._cdn[name] = png
+        return f"{self.url}/cdn/{name}"
+
+    def posts(self) -> list[ReceivedRequest]:
+        return [r for r in self.requests if r.method == "POST"]
+
     def _next_reply(self) -> Reply:
         with self._lock:
             return self._replies.popleft() if self._replies else Reply()
@@ -95,28 +113,71 @@ class FakeRouter:
                 pass
 
             def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length)
-                received = ReceivedRequest("POST", self.path, dict(self.headers.items()), body)
-                with router._lock:
-                    router.requests.append(received)
-                if self.headers.get("Authorization") != f"Bearer {router.token}":
-                    self._send(401, json.dumps({"error": "Invalid credentials in Authorization header"}).encode(),
-                               {"Content-Type": "application/json"})
+                body = self._receive()
+                if not self._authorized():
                     return
-                if not self.path.startswith("/hf-inference/models/"):
-                    self._send(404, b'{"error":"Not Found"}', {"Content-Type": "application/json"})
-                    return
+                route = self.path.split("?")[0]
                 reply = router._next_reply()
                 if reply.hold_seconds:
                     router._release.wait(reply.hold_seconds)
-                payload = reply.body
-                headers = dict(reply.headers)
-                if payload is None:
-                    parameters = json.loads(body).get("parameters", {})
-                    payload = make_png(parameters.get("width", DEFAULT_SIDE), parameters.get("height", DEFAULT_SIDE))
-                    headers.setdefault("Content-Type", "image/png")
-                self._send(reply.status, payload, headers)
+                if reply.body is not None:
+                    self._send(reply.status, reply.body, reply.headers)
+                    return
+                parameters = json.loads(body)
+                size = _size(parameters)
+                if route.startswith("/hf-inference/models/"):
+                    self._send(reply.status, make_png(*size), {"Content-Type": "image/png", **reply.headers})
+                elif route.startswith("/fal-ai/"):
+                    self._json({"images": [{"url": router._publish(make_png(*size)), "content_type": "image/png"}]})
+                elif route in ("/together/v1/images/generations", "/nscale/v1/images/generations"):
+                    self._json({"data": [{"b64_json": base64.b64encode(make_png(*size)).decode()}]})
+                elif route.startswith("/wavespeed/api/v3/"):
+                    task = f"task{next(router._ids)}"
+                    router._cdn[task] = make_png(*size)
+                    self._json({"code": 200, "data": {"id": task, "status": "created", "urls": {"get": f"https://api.wavespeed.ai/api/v3/predictions/{task}/result"}}})
+                else:
+                    self._json({"error": "Not Found"}, 404)
+
+            def do_GET(self) -> None:
+                self._receive()
+                route = self.path.split("?")[0]
+                if route.startswith("/cdn/"):
+                    data = router._cdn.get(route.removeprefix("/cdn/"))
+                    self._send(200 if data else 404, data or b"missing", {"Content-Type": "image/png"})
+                    return
+                if not self._authorized():
+                    return
+                if route.startswith("/api/models/"):
+                    model = route.removeprefix("/api/models/")
+                    if model not in router.mappings:
+                        self._json({"error": "Repository not found"}, 404)
+                    else:
+                        self._json({"id": model, "inferenceProviderMapping": router.mappings[model]})
+                elif route.startswith("/wavespeed/api/v3/predictions/"):
+                    task = route.split("/")[5]
+                    polls = router._polls[task] = router._polls.get(task, 0) + 1
+                    data = {"id": task, "status": "processing"}
+                    if polls >= 2:
+                        data = {"id": task, "status": "completed", "outputs": [router._publish(router._cdn[task])]}
+                    self._json({"code": 200, "data": data})
+                else:
+                    self._json({"error": "Not Found"}, 404)
+
+            def _receive(self) -> bytes:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                with router._lock:
+                    router.requests.append(ReceivedRequest(self.command, self.path, dict(self.headers.items()), body))
+                return body
+
+            def _authorized(self) -> bool:
+                if self.headers.get("Authorization") == f"Bearer {router.token}":
+                    return True
+                self._json({"error": "Invalid credentials in Authorization header"}, 401)
+                return False
+
+            def _json(self, answer: Any, status: int = 200) -> None:
+                self._send(status, json.dumps(answer).encode(), {"Content-Type": "application/json"})
 
             def _send(self, status: int, payload: bytes, headers: dict[str, str]) -> None:
                 try:
@@ -131,3 +192,14 @@ class FakeRouter:
                     pass  # the client gave up (a timeout test)
 
         return Handler
+
+
+def _size(payload: dict[str, Any]) -> tuple[int, int]:
+    """The size asked for, in whichever provider's shape the payload uses."""
+    source = payload.get("parameters") or payload.get("input") or payload
+    if isinstance(source.get("image_size"), dict):
+        return source["image_size"]["width"], source["image_size"]["height"]
+    if isinstance(source.get("size"), str):
+        width, height = source["size"].split("x")
+        return int(width), int(height)
+    return source.get("width", DEFAULT_SIDE), source.get("height", DEFAULT_SIDE)

@@ -173,3 +173,59 @@ def test_cold_start_imports_neither_the_gcs_client_nor_pillow():
     probe = "import sys, main; print(sorted(m for m in ('google.cloud.storage', 'PIL') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- providers through the real process ---------------------------------------------------------
+
+FLUX = "black-forest-labs/FLUX.1-schnell"
+
+
+def live(provider: str, provider_id: str) -> dict:
+    return {"provider": provider, "providerId": provider_id, "status": "live", "task": "text-to-image"}
+
+
+def test_auto_fails_over_from_hf_inference_to_fal_ai(run_function, router, tmp_path):
+    router.mappings[FLUX] = [live("hf-inference", FLUX), live("fal-ai", "fal-ai/flux/schnell")]
+    function = run_function(
+        HUGGING_FACE_API_KEY=TEST_TOKEN,
+        HF_ROUTER_URL=router.url,
+        HF_HUB_URL=router.url,
+        HF_MODEL=FLUX,
+        HF_PROVIDER="auto",
+        IMAGE_DIR=str(tmp_path),
+    )
+    router.reply_error(410, "The requested model is deprecated and no longer supported by provider hf-inference.")
+    answer = post(function, {"prompt": "a fox", "width": 320, "height": 256, "seed": 3})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["provider"] == "fal-ai"
+    with Image.open(io.BytesIO(png_from(body))) as image:
+        assert image.size == (320, 256)
+        assert "Provider: fal-ai" in image.text["parameters"]
+    paths = [(r.method, r.path.split("?")[0]) for r in router.requests]
+    assert paths[:3] == [("GET", f"/api/models/{FLUX}"), ("POST", f"/hf-inference/models/{FLUX}"), ("POST", "/fal-ai/fal-ai/flux/schnell")]
+    cdn = [r for r in router.requests if r.path.startswith("/cdn/")]
+    assert len(cdn) == 1 and "Authorization" not in cdn[0].headers
+    # A second request uses the cached mapping: no new Hub lookup.
+    post(function, {"prompt": "again"})
+    assert sum(r.path.startswith("/api/models/") for r in router.requests) == 1
+
+
+@pytest.mark.parametrize("provider", ["wavespeed", "together", "nscale"])
+def test_chosen_provider_per_request(run_function, router, tmp_path, provider):
+    router.mappings[FLUX] = [live(provider, f"{provider}/flux")]
+    function = run_function(
+        HUGGING_FACE_API_KEY=TEST_TOKEN,
+        HF_ROUTER_URL=router.url,
+        HF_HUB_URL=router.url,
+        HF_MODEL=FLUX,
+        HF_ALLOWED_PROVIDERS=provider,
+        IMAGE_DIR=str(tmp_path),
+    )
+    answer = post(function, {"prompt": "a fox", "provider": provider, "width": 256, "height": 264})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["provider"] == provider
+    with Image.open(io.BytesIO(png_from(answer.json()))) as image:
+        assert image.size == (256, 264)
+    refused = post(function, {"prompt": "a fox", "provider": "fal-ai"})
+    assert refused.status_code == 400 and refused.json()["code"] == "provider_not_allowed"
