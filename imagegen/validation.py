@@ -69,8 +69,17 @@ def parse_generation_request(body: bytes, settings: Settings) -> GenerationReque
 
     return GenerationRequest(
         prompt=prompt,
-        model=_model(data, settings),
-        provider=_provider(data, settings),
+        model=_allowed_choice(
+            data, "model", settings.hf_model, settings.hf_allowed_models, "HF_ALLOWED_MODELS", code="model_not_allowed"
+        ),
+        provider=_allowed_choice(
+            data,
+            "provider",
+            settings.hf_provider,
+            settings.hf_allowed_providers,
+            "HF_ALLOWED_PROVIDERS",
+            code="provider_not_allowed",
+        ),
         negative_prompt=_text(data, "negativePrompt", settings.max_prompt_chars) or None,
         width=_side(data, "width"),
         height=_side(data, "height"),
@@ -167,34 +176,20 @@ def _guidance(data: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def _model(data: dict[str, Any], settings: Settings) -> str:
-    value = data.get("model")
+def _allowed_choice(
+    data: dict[str, Any], name: str, default: str, allowed: tuple[str, ...], setting: str, code: str
+) -> str:
+    """A field that names one of the server's allowed values (a model, a provider)."""
+    value = data.get(name)
     if value is None:
-        return settings.hf_model
+        return default
     if not isinstance(value, str):
-        raise _invalid("model", "a Hugging Face model id string", value)
-    if value not in settings.hf_allowed_models:
+        raise _invalid(name, f"a {name} name string", value)
+    if value not in allowed:
         raise InvalidRequest(
-            f'The model "{value[:100]}" is not allowed here. Allowed models: '
-            f"{', '.join(settings.hf_allowed_models)} (the server's HF_ALLOWED_MODELS setting).",
-            code="model_not_allowed",
-            field="model",
-        )
-    return value
-
-
-
-def _provider(data: dict[str, Any], settings: Settings) -> str:
-    value = data.get("provider")
-    if value is None:
-        return settings.hf_provider
-    if not isinstance(value, str):
-        raise _invalid("provider", "a provider name string", value)
-    if value not in settings.hf_allowed_providers:
-        raise InvalidRequest(
-            f'The provider "{value[:40]}" is not allowed here. Allowed providers: '
-            f"{', '.join(settings.hf_allowed_providers)} (the server's HF_ALLOWED_PROVIDERS setting).",
-            code="provider_not_allowed",
-            field="provider",
+            f'The {name} "{value[:100]}" is not allowed here. Allowed: {", ".join(allowed)} '
+            f"(the server's {setting} setting).",
+            code=code,
+            field=name,
         )
     return value
