@@ -68,10 +68,10 @@ def new_session(pool_size: int = 64) -> requests.Session:
 
 
 class RouterClient:
-    def __init__(self, settings: Settings, session: requests.Session | None = None, timing: Timing = Timing()) -> None:
+    def __init__(self, settings: Settings, session: requests.Session | None = None, timing: Timing | None = None) -> None:
         self._settings = settings
         self._session = session or new_session()
-        self._timing = timing
+        self._timing = timing or Timing()
         self._mapping = ProviderMapping(settings, self._session, timing.clock)
 
     def generate(self, request: GenerationRequest) -> GeneratedImage:

@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 from imagegen.images import describe_non_image
 from imagegen.validation import GenerationRequest
@@ -40,7 +40,7 @@ class PendingTask:
     poll_path: str
 
 
-Answer = Union[ImageBytes, ImageUrl, PendingTask]
+Answer = ImageBytes | ImageUrl | PendingTask
 
 
 class BadAnswer(ValueError):
