@@ -72,7 +72,7 @@ class RouterClient:
         self._settings = settings
         self._session = session or new_session()
         self._timing = timing or Timing()
-        self._mapping = ProviderMapping(settings, self._session, timing.clock)
+        self._mapping = ProviderMapping(settings, self._session, self._timing.clock)
 
     def generate(self, request: GenerationRequest) -> GeneratedImage:
         token = self._settings.require_token()

@@ -25,14 +25,14 @@ def free_port() -> int:
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll `condition` until it holds; fail the test with `what` after `timeout` seconds."""
+    """Poll `condition` until it holds; fail the test with `what` after `timeout` seconds.
+
+    An exception from `condition` ends the wait at once: it means waiting cannot help.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            if condition():
-                return
-        except Exception:
-            pass
+        if condition():
+            return
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up after {timeout:g} s waiting for {what}")
         time.sleep(interval)
@@ -72,7 +72,10 @@ def start_process(
     def answering() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"{command[0]} exited with {process.returncode}:\n{server.log()}")
-        requests.options(server.url + ready_path, timeout=1)
+        try:
+            requests.options(server.url + ready_path, timeout=1)
+        except requests.ConnectionError:
+            return False
         return True
 
     try:
