@@ -227,3 +227,34 @@ def test_explicit_provider_that_does_not_serve_the_model(mocked, client_for):
         client_for("replicate").generate(GenerationRequest(prompt="a fox", model=MODEL, provider="replicate"))
     assert caught.value.code == "model_not_available"
     assert "fal-ai, together" in caught.value.message and "auto" in caught.value.message
+
+
+GENERATION_URLS = {
+    "fal-ai": f"{ROUTER}/fal-ai/p/id",
+    "replicate": f"{ROUTER}/replicate/v1/models/p/id/predictions",
+    "together": f"{ROUTER}/together/v1/images/generations",
+    "nscale": f"{ROUTER}/nscale/v1/images/generations",
+    "wavespeed": f"{ROUTER}/wavespeed/api/v3/p/id",
+}
+
+
+@pytest.mark.parametrize("provider", sorted(GENERATION_URLS))
+@pytest.mark.parametrize(
+    "status, body, code",
+    [
+        (401, {"error": "Invalid credentials in Authorization header"}, "upstream_unauthorized"),
+        (402, {"error": "You have exceeded your monthly included credits"}, "upstream_credits_exhausted"),
+        (404, {"error": "Not Found"}, "model_not_available"),
+        (422, {"detail": "width must be at most 1440"}, "upstream_rejected"),
+        (429, {"error": "Too many requests"}, "upstream_rate_limited"),
+        (503, {"error": "Service Unavailable"}, "upstream_unavailable"),
+        (200, {"unexpected": True}, "upstream_bad_response"),
+    ],
+)
+def test_each_provider_maps_each_error(mocked, client_for, provider, status, body, code):
+    hub(mocked, (provider, "p/id"))
+    mocked.post(GENERATION_URLS[provider], status=status, json=body)
+    with pytest.raises(UpstreamError) as caught:
+        client_for(provider).generate(GenerationRequest(prompt="a fox", model=MODEL, provider=provider))
+    assert caught.value.code == code
+    assert f"provider {provider}" in caught.value.message and f"HF status {status}" in caught.value.message

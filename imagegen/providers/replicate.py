@@ -38,7 +38,9 @@ class Replicate:
         answer = json_object(body)
         if answer.get("status") == "failed" or answer.get("error"):
             raise TaskFailed(str(answer.get("error") or "the prediction failed"))
-        output = answer.get("output")
+        if "output" not in answer:
+            raise BadAnswer('JSON without "output"')
+        output = answer["output"]
         if output is None:
             raise NotFinished("Replicate did not finish the prediction in time")
         if isinstance(output, list) and output:
