@@ -64,6 +64,7 @@ class Settings:
     image_prefix: str = DEFAULT_IMAGE_PREFIX
     cors_allowed_origins: tuple[str, ...] = ("*",)
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    serve_page: bool = True
 
     def require_token(self) -> str:
         if not self.hf_token:
@@ -131,6 +132,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         image_bucket=_bucket_name(bucket) if bucket else None,
         image_prefix=_object_prefix(environ.get("IMAGE_PREFIX", DEFAULT_IMAGE_PREFIX).strip()),
         cors_allowed_origins=_origins(get("CORS_ALLOWED_ORIGINS") or "*"),
+        serve_page=_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
         max_prompt_chars=int(
             _number(
                 "MAX_PROMPT_CHARS",
@@ -170,6 +172,17 @@ def _number(
     if not (math.isfinite(value) and low <= value <= high):
         raise _invalid(name, raw, f"{kind} from {low:g} to {high:g}")
     return value
+
+
+def _boolean(name: str, raw: str | None, default: bool) -> bool:
+    if raw is None:
+        return default
+    value = raw.lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise _invalid(name, raw, "true or false")
 
 
 def _http_url(name: str, raw: str) -> str:

@@ -23,6 +23,7 @@ from imagegen.cors import cors_headers, preflight_headers
 from imagegen.errors import ConfigurationError, ImageGenError, MethodNotAllowed, PayloadTooLarge, StorageError
 from imagegen.hf_client import GeneratedImage, RouterClient
 from imagegen.logs import get_logger, prompt_fingerprint
+from imagegen.page import PAGE_PATHS, Page, render_page
 from imagegen.png_info import embed_parameters
 from imagegen.storage import ImageMetadata, ImageStore, image_name, make_store
 from imagegen.validation import GenerationRequest, check_content_type, parse_generation_request
@@ -31,7 +32,7 @@ from imagegen.validation import GenerationRequest, check_content_type, parse_gen
 MAX_CHOSEN_SEED = 2**31 - 1
 # Cloud Run caps request bodies at 32 MiB; draining more than that is never needed.
 MAX_DRAIN_BYTES = 32 * 1024 * 1024
-COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 class Handler:
@@ -48,9 +49,12 @@ class Handler:
         self._logger = logger or get_logger()
         self._clock = clock
         self._choose_seed = choose_seed
+        self._page: Page | None = None
         if isinstance(settings, Settings):
             self._client = client or RouterClient(settings)
             self._store = store or make_store(settings)
+            if settings.serve_page:
+                self._page = render_page(settings)
 
     def __call__(self, request: flask.Request) -> flask.Response:
         started = self._clock()
@@ -59,6 +63,12 @@ class Handler:
         log: dict[str, Any] = {"method": request.method, "path": request.path}
         if request.method == "OPTIONS":
             return _response(204, b"", preflight_headers(origin, allowed_origins))
+        if request.method in ("GET", "HEAD") and request.path in PAGE_PATHS and self._page is not None:
+            return _response(
+                200,
+                self._page.html,
+                {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": self._page.content_security_policy},
+            )
         try:
             response = self._generate(request, log)
         except ImageGenError as error:

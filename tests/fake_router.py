@@ -40,6 +40,7 @@ class Reply:
     body: bytes | None = None  # None: a PNG of the requested size
     headers: dict[str, str] = field(default_factory=dict)
     hold_seconds: float = 0.0  # wait this long (or until released) before answering
+    release: threading.Event | None = None  # or until this is set (at most 30 s)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class FakeRouter:
         self._cdn: dict[str, bytes] = {}
         self._polls: dict[str, int] = {}
         self._ids = itertools.count(1)
+        self._held: list[threading.Event] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -78,6 +80,8 @@ class FakeRouter:
 
     def stop(self) -> None:
         self._release.set()
+        for event in self._held:
+            event.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
@@ -120,6 +124,9 @@ class FakeRouter:
                 reply = router._next_reply()
                 if reply.hold_seconds:
                     router._release.wait(reply.hold_seconds)
+                if reply.release is not None:
+                    router._held.append(reply.release)
+                    reply.release.wait(30)
                 if reply.body is not None:
                     self._send(reply.status, reply.body, reply.headers)
                     return

@@ -81,7 +81,7 @@ def test_errors_and_cors_through_the_real_server(run_function, router, tmp_path)
 
     bad = requests.post(f"{function.url}/api/generate-image", data="prompt=x", timeout=10)
     assert bad.status_code == 415 and bad.json()["code"] == "unsupported_media_type"
-    assert requests.get(function.url, timeout=10).status_code == 405
+    assert requests.get(f"{function.url}/api/generate-image", timeout=10).status_code == 405
     assert len(router.requests) == 3  # the 415 and the 405 never reached upstream
 
     log = function.log()

@@ -262,3 +262,32 @@ def test_prompts_are_not_logged(make_app, mocked, caplog):
     (record,) = [r for r in caplog.records if r.name == "imagegen"]
     assert record.fields["request"]["promptChars"] == len("my very private prompt")
     assert record.fields["request"]["status"] == 200
+
+
+# --- the page ---------------------------------------------------------------------------------
+
+
+def test_page_is_served_with_a_strict_csp(make_app):
+    import hashlib
+    import re
+
+    app = make_app(HF_ALLOWED_PROVIDERS="fal-ai,together")
+    for path in ("/", "/index.html"):
+        answer = app.get(path)
+        assert answer.status_code == 200 and answer.mimetype == "text/html"
+    html = answer.get_data(as_text=True)
+    policy = answer.headers["Content-Security-Policy"]
+    assert "'unsafe-inline'" not in policy and "default-src 'none'" in policy and "connect-src 'self'" in policy
+    script = re.search(r"<script>(.*?)</script>", html, re.S).group(1)
+    style = re.search(r"<style>(.*?)</style>", html, re.S).group(1)
+    for block in (script, style):
+        digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in policy
+    config = json.loads(re.search(r'id="imagegen-config">(.*?)</script>', html, re.S).group(1))
+    assert config["providers"] == ["hf-inference", "fal-ai", "together"] and config["models"] == [MODEL]
+
+
+def test_page_can_be_turned_off(make_app):
+    app = make_app(SERVE_PAGE="false")
+    assert app.get("/").status_code == 405
+    assert app.get("/api/generate-image").status_code == 405

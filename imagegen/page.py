@@ -1,0 +1,62 @@
+"""The try-it page, served on GET / and /index.html.
+
+One HTML document with its CSS and JS inline: a deployed function's URL has no trailing slash
+(`…/imagegen`), so relative links to separate files would miss it. Inline code stays allowed by
+a strict Content-Security-Policy through the sha256 of each block, not 'unsafe-inline'.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagegen.config import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+PAGE_PATHS = ("/", "/index.html")
+
+
+@dataclass(frozen=True)
+class Page:
+    html: bytes
+    content_security_policy: str
+
+
+def _sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+@functools.cache
+def _template() -> tuple[str, str, str]:
+    return tuple((STATIC_DIR / name).read_text() for name in ("index.html", "style.css", "app.js"))  # type: ignore[return-value]
+
+
+def render_page(settings: Settings) -> Page:
+    template, style, script = _template()
+    config = {
+        "models": list(settings.hf_allowed_models),
+        "defaultModel": settings.hf_model,
+        "providers": list(settings.hf_allowed_providers),
+        "defaultProvider": settings.hf_provider,
+        "maxPromptChars": settings.max_prompt_chars,
+    }
+    # "</" would end the data block early; "<\/" is the same JSON string.
+    config_json = json.dumps(config).replace("</", "<\\/")
+    html = template.replace("{{STYLE}}", style).replace("{{SCRIPT}}", script).replace("{{CONFIG}}", config_json)
+    policy = "; ".join(
+        (
+            "default-src 'none'",
+            f"script-src {_sha256(script)}",
+            f"style-src {_sha256(style)}",
+            "img-src data: blob:",
+            "connect-src 'self'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        )
+    )
+    return Page(html.encode(), policy)
