@@ -27,6 +27,11 @@ DEFAULT_PROVIDER = "hf-inference"
 DEFAULT_MAPPING_TTL_SECONDS = 600.0
 # What HF_PROVIDER and a request's "provider" may name; "auto" asks the Hub which providers
 # serve the model and fails over between them.
+AUTH_MODES = ("none", "api-key", "firebase", "google")
+DEFAULT_RATE_LIMIT_PER_MINUTE = 10
+DEFAULT_RATE_LIMIT_BURST = 10
+DEFAULT_TRUSTED_PROXY_HOPS = 1
+MIN_API_KEY_CHARS = 16
 KNOWN_PROVIDERS = ("auto", "hf-inference", "fal-ai", "replicate", "together", "nscale", "wavespeed")
 DEFAULT_IMAGE_DIR = "/tmp/imagegen"
 DEFAULT_IMAGE_DIR_MAX_FILES = 200
@@ -42,7 +47,7 @@ TOKEN_VARIABLES = ("HUGGING_FACE_API_KEY", "HF_TOKEN")
 
 # A Hub model id: "owner/name", letters, digits, '-', '_' and '.'. Checked so that a model id
 # can only ever become one path segment pair on the router, never another host or path.
-MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,14 @@ class Settings:
     cors_allowed_origins: tuple[str, ...] = ("*",)
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
     serve_page: bool = True
+    auth_mode: str = "none"
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    auth_audience: str | None = None
+    auth_certs_url: str | None = None
+    rate_limit_per_minute: float = DEFAULT_RATE_LIMIT_PER_MINUTE
+    rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
+    trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS
+    log_prompts: bool = False
 
     def require_token(self) -> str:
         if not self.hf_token:
@@ -93,6 +106,16 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         for item in (get("HF_ALLOWED_PROVIDERS") or "").split(",")
         if item.strip()
     )
+    auth_mode = get("AUTH_MODE") or "none"
+    if auth_mode not in AUTH_MODES:
+        raise _invalid("AUTH_MODE", auth_mode, "one of " + ", ".join(AUTH_MODES))
+    origins = _origins(get("CORS_ALLOWED_ORIGINS") or "*")
+    if auth_mode != "none" and "*" in origins:
+        raise ConfigurationError(
+            f"With AUTH_MODE={auth_mode}, CORS_ALLOWED_ORIGINS must list the sites allowed to call "
+            "(such as 'https://app.example.com'), not '*'.",
+            code="invalid_configuration",
+        )
     return Settings(
         hf_token=token,
         hf_router_url=_http_url("HF_ROUTER_URL", get("HF_ROUTER_URL") or DEFAULT_ROUTER_URL),
@@ -131,7 +154,21 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
         image_bucket=_bucket_name(bucket) if bucket else None,
         image_prefix=_object_prefix(environ.get("IMAGE_PREFIX", DEFAULT_IMAGE_PREFIX).strip()),
-        cors_allowed_origins=_origins(get("CORS_ALLOWED_ORIGINS") or "*"),
+        cors_allowed_origins=origins,
+        auth_mode=auth_mode,
+        api_keys=_api_keys(get("API_KEYS"), required=auth_mode == "api-key"),
+        auth_audience=_audience(auth_mode, get("AUTH_AUDIENCE"), get("FIREBASE_PROJECT_ID")),
+        auth_certs_url=_http_url("AUTH_CERTS_URL", get("AUTH_CERTS_URL")) if get("AUTH_CERTS_URL") else None,
+        rate_limit_per_minute=_number(
+            "RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE"), DEFAULT_RATE_LIMIT_PER_MINUTE, 0, 100_000
+        ),
+        rate_limit_burst=int(
+            _number("RATE_LIMIT_BURST", get("RATE_LIMIT_BURST"), DEFAULT_RATE_LIMIT_BURST, 1, 100_000, integer=True)
+        ),
+        trusted_proxy_hops=int(
+            _number("TRUSTED_PROXY_HOPS", get("TRUSTED_PROXY_HOPS"), DEFAULT_TRUSTED_PROXY_HOPS, 0, 10, integer=True)
+        ),
+        log_prompts=_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
         serve_page=_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
         max_prompt_chars=int(
             _number(
@@ -174,6 +211,41 @@ def _number(
     return value
 
 
+def _api_keys(raw: str | None, required: bool) -> tuple[str, ...]:
+    keys = tuple(key.strip() for key in (raw or "").split(",") if key.strip())
+    if required and not keys:
+        raise ConfigurationError(
+            "AUTH_MODE=api-key needs API_KEYS: one or more comma-separated keys, fed from Secret "
+            "Manager with --set-secrets.",
+            code="invalid_configuration",
+        )
+    if any(len(key) < MIN_API_KEY_CHARS for key in keys):
+        # Never echo a key, not even a short one.
+        raise ConfigurationError(
+            f"Every key in API_KEYS must be at least {MIN_API_KEY_CHARS} characters long "
+            "(for example: python3 -c 'import secrets; print(secrets.token_urlsafe(32))').",
+            code="invalid_configuration",
+        )
+    return keys
+
+
+def _audience(mode: str, audience: str | None, project: str | None) -> str | None:
+    if mode == "firebase":
+        audience = audience or project
+        if not audience:
+            raise ConfigurationError(
+                "AUTH_MODE=firebase needs the Firebase project id: set FIREBASE_PROJECT_ID.",
+                code="invalid_configuration",
+            )
+    if mode == "google" and not audience:
+        raise ConfigurationError(
+            "AUTH_MODE=google needs AUTH_AUDIENCE: the audience your callers put in their ID "
+            "tokens, usually this function's URL.",
+            code="invalid_configuration",
+        )
+    return audience
+
+
 def _boolean(name: str, raw: str | None, default: bool) -> bool:
     if raw is None:
         return default
@@ -193,7 +265,7 @@ def _http_url(name: str, raw: str) -> str:
 
 
 def _model_id(name: str, raw: str) -> str:
-    if not MODEL_ID_PATTERN.match(raw) or ".." in raw:
+    if not MODEL_ID_PATTERN.fullmatch(raw) or ".." in raw:
         raise _invalid(name, raw, "a Hugging Face model id such as 'owner/model-name'")
     return raw
 

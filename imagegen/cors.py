@@ -7,7 +7,7 @@ answer without it, and a frontend could then show only "Failed to fetch" instead
 from __future__ import annotations
 
 ALLOWED_METHODS = "POST, OPTIONS"
-ALLOWED_HEADERS = "Content-Type, Authorization"
+ALLOWED_HEADERS = "Content-Type, Authorization, X-API-Key"
 # Response headers a script may read besides the CORS-safelisted ones.
 EXPOSED_HEADERS = "Retry-After"
 PREFLIGHT_MAX_AGE_SECONDS = 3600

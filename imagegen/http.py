@@ -18,13 +18,15 @@ from typing import Any
 
 import flask
 
+from imagegen.auth import Authenticator, client_ip, make_authenticator
 from imagegen.config import MAX_BODY_BYTES, Settings, load_settings
 from imagegen.cors import cors_headers, preflight_headers
 from imagegen.errors import ConfigurationError, ImageGenError, MethodNotAllowed, PayloadTooLarge, StorageError
-from imagegen.hf_client import GeneratedImage, RouterClient
+from imagegen.hf_client import GeneratedImage, RouterClient, new_session
 from imagegen.logs import get_logger, prompt_fingerprint
 from imagegen.page import PAGE_PATHS, Page, render_page
 from imagegen.png_info import embed_parameters
+from imagegen.ratelimit import RateLimiter
 from imagegen.storage import ImageMetadata, ImageStore, image_name, make_store
 from imagegen.validation import GenerationRequest, check_content_type, parse_generation_request
 
@@ -41,6 +43,8 @@ class Handler:
         settings: Settings | ConfigurationError,
         client: RouterClient | None = None,
         store: ImageStore | None = None,
+        authenticator: Authenticator | None = None,
+        limiter: RateLimiter | None = None,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
         choose_seed: Callable[[], int] = lambda: secrets.randbelow(MAX_CHOSEN_SEED + 1),
@@ -53,6 +57,8 @@ class Handler:
         if isinstance(settings, Settings):
             self._client = client or RouterClient(settings)
             self._store = store or make_store(settings)
+            self._authenticator = authenticator or make_authenticator(settings, new_session(pool_size=4))
+            self._limiter = limiter or RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst, clock)
             if settings.serve_page:
                 self._page = render_page(settings)
 
@@ -95,12 +101,19 @@ class Handler:
         settings = self._settings
         if isinstance(settings, ConfigurationError):
             raise settings
+        ip = client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, settings.trusted_proxy_hops)
+        caller = self._authenticator.authenticate(request.headers, ip)
+        log["caller"] = caller.key
         check_content_type(request.headers.get("Content-Type"))
         generation = parse_generation_request(_read_body(request), settings)
+        # Counted only for requests that would reach Hugging Face: the limit guards the credits.
+        self._limiter.take(caller.key)
         if generation.seed is None:
             # Always send a seed, so that every answer's seed reproduces its image.
             generation = dataclasses.replace(generation, seed=self._choose_seed())
         log.update(model=generation.model, **prompt_fingerprint(generation.prompt))
+        if settings.log_prompts:
+            log.update(prompt=generation.prompt, negativePrompt=generation.negative_prompt)
         image = self._client.generate(generation)
         log["provider"] = image.provider
         image = dataclasses.replace(image, png=embed_parameters(image.png, generation, image.provider))

@@ -43,6 +43,7 @@ def render_page(settings: Settings) -> Page:
         "providers": list(settings.hf_allowed_providers),
         "defaultProvider": settings.hf_provider,
         "maxPromptChars": settings.max_prompt_chars,
+        "authMode": settings.auth_mode,
     }
     # "</" would end the data block early; "<\/" is the same JSON string.
     config_json = json.dumps(config).replace("</", "<\\/")

@@ -194,3 +194,24 @@ def test_cross_origin_allowed_and_blocked(page, run_function, router, tmp_path, 
     page.goto(f"{refused}/index.html?api={function.url}")
     expect(page.locator("#out")).to_have_text("blocked: TypeError")
     assert len(router.posts()) == 1  # the browser's preflight was refused: nothing reached upstream
+
+
+def test_page_with_api_key_mode(page, run_function, router, tmp_path):
+    key = "k_browser_0123456789abcdef"
+    function = run_function(
+        HUGGING_FACE_API_KEY=TEST_TOKEN,
+        HF_ROUTER_URL=router.url,
+        IMAGE_DIR=str(tmp_path),
+        AUTH_MODE="api-key",
+        API_KEYS=key,
+        CORS_ALLOWED_ORIGINS="https://app.example",
+    )
+    page.goto(function.url)
+    expect(page.locator("#credential-label")).to_have_text("API key")
+    generate(page, "locked")
+    expect(page.locator("#error")).to_contain_text("Missing or invalid credentials")
+    assert router.posts() == []
+    page.fill("#credential", key)
+    page.click("#generate")
+    expect(page.locator("#result")).to_be_visible()
+    assert key not in function.log()

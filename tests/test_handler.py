@@ -208,7 +208,7 @@ def test_preflight_with_any_origin(make_app, mocked):
     assert answer.status_code == 204 and answer.data == b""
     assert answer.headers["Access-Control-Allow-Origin"] == "*"
     assert answer.headers["Access-Control-Allow-Methods"] == "POST, OPTIONS"
-    assert answer.headers["Access-Control-Allow-Headers"] == "Content-Type, Authorization"
+    assert answer.headers["Access-Control-Allow-Headers"] == "Content-Type, Authorization, X-API-Key"
     assert int(answer.headers["Access-Control-Max-Age"]) > 0
     assert len(mocked.calls) == 0
 

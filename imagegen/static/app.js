@@ -23,6 +23,10 @@
   let shown = null;
 
   prompt.maxLength = config.maxPromptChars;
+  if (config.authMode !== "none") {
+    $("credential-field").hidden = false;
+    $("credential-label").textContent = config.authMode === "api-key" ? "API key" : "ID token";
+  }
   fillChoice("model", config.models, config.defaultModel);
   fillChoice("provider", config.providers, config.defaultProvider);
 
@@ -80,9 +84,12 @@
     setBusy(true);
     const started = performance.now();
     try {
+      const headers = { "Content-Type": "application/json" };
+      const credential = $("credential").value.trim();
+      if (credential) headers.Authorization = `Bearer ${credential}`;
       const response = await fetch(location.pathname, {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers,
         body: JSON.stringify(body),
         signal: controller.signal,
       });
