@@ -78,6 +78,7 @@ class Settings:
     rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
     trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS
     log_prompts: bool = False
+    gcp_project: str | None = None
 
     def require_token(self) -> str:
         if not self.hf_token:
@@ -169,6 +170,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             _number("TRUSTED_PROXY_HOPS", get("TRUSTED_PROXY_HOPS"), DEFAULT_TRUSTED_PROXY_HOPS, 0, 10, integer=True)
         ),
         log_prompts=_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
+        gcp_project=get("GOOGLE_CLOUD_PROJECT"),
         serve_page=_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
         max_prompt_chars=int(
             _number(

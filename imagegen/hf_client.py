@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -46,7 +45,15 @@ DEFAULT_RATE_LIMIT_RETRY_AFTER_SECONDS = 60
 
 PROVIDER_MODELS_URL = "https://huggingface.co/models?pipeline_tag=text-to-image&inference_provider={provider}"
 
-logger = logging.getLogger("imagegen")
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try at one provider, for the request's log line."""
+
+    provider: str
+    status: int | None  # HF's HTTP status, None when no answer came
+    code: str | None  # our error code; None when the try produced the image
+    ms: float
 
 
 @dataclass(frozen=True)
@@ -74,14 +81,16 @@ class RouterClient:
         self._timing = timing or Timing()
         self._mapping = ProviderMapping(settings, self._session, self._timing.clock)
 
-    def generate(self, request: GenerationRequest) -> GeneratedImage:
+    def generate(self, request: GenerationRequest, attempts: list[Attempt] | None = None) -> GeneratedImage:
+        """The image, or the `UpstreamError` of the last try; `attempts` receives every try."""
+        attempts = [] if attempts is None else attempts
         token = self._settings.require_token()
         deadline = self._timing.clock() + self._settings.hf_deadline_seconds
         routes = self._mapping.routes(request.model, request.provider, token)
         tried: list[str] = []
         for index, route in enumerate(routes):
             try:
-                return self._with_retries(route, request, token, deadline)
+                return self._with_retries(route, request, token, deadline, attempts)
             except UpstreamError as error:
                 is_last = index == len(routes) - 1
                 if is_last or not error.fail_over or self._time_left(deadline) < MIN_ATTEMPT_SECONDS:
@@ -89,22 +98,26 @@ class RouterClient:
                         error.message = f"{error.message} Also tried: {', '.join(tried)}."
                     raise
                 tried.append(f"{route.provider} (HF status {error.upstream_status or error.code})")
-                logger.warning("Provider %s failed (%s); failing over to %s", route.provider, error.code, routes[index + 1].provider)
         raise AssertionError("routes() returns at least one route")
 
-    def _with_retries(self, route: Route, request: GenerationRequest, token: str, deadline: float) -> GeneratedImage:
+    def _with_retries(
+        self, route: Route, request: GenerationRequest, token: str, deadline: float, attempts: list[Attempt]
+    ) -> GeneratedImage:
         retries = 0
         while True:
+            started = self._timing.clock()
             try:
-                return self._attempt(route, request, token, deadline)
+                image = self._attempt(route, request, token, deadline)
+                attempts.append(Attempt(route.provider, 200, None, self._elapsed_ms(started)))
+                return image
             except UpstreamError as error:
+                attempts.append(Attempt(route.provider, error.upstream_status, error.code, self._elapsed_ms(started)))
                 if not error.retryable or retries >= self._settings.hf_max_retries:
                     raise
                 retries += 1
                 delay = backoff_delay(retries, error.retry_after, self._timing.random())
                 if self._time_left(deadline) - delay < MIN_ATTEMPT_SECONDS:
                     raise  # no time for another try; 429 passes its Retry-After on
-                logger.info("Retrying %s in %.1f s after %s", route.provider, delay, error.code)
                 self._timing.sleep(delay)
 
     def _attempt(self, route: Route, request: GenerationRequest, token: str, deadline: float) -> GeneratedImage:
@@ -219,6 +232,9 @@ class RouterClient:
         except requests.RequestException as error:
             raise _unreachable(context, self._settings.hf_router_url, error) from None
         return b"".join(chunks)
+
+    def _elapsed_ms(self, started: float) -> float:
+        return round((self._timing.clock() - started) * 1000, 1)
 
     def _time_left(self, deadline: float) -> float:
         return deadline - self._timing.clock()

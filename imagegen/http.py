@@ -1,8 +1,9 @@
-"""The HTTP handler: parse -> validate -> call upstream -> store -> respond.
+"""The HTTP handler: authenticate -> parse -> validate -> call upstream -> store -> respond.
 
 Each step is a function that raises an `ImageGenError` where it knows something is wrong;
 `Handler.__call__` turns any of them into the JSON answer in one place, and anything unexpected
-into a generic 500 that shows no internals.
+into a generic 500 that shows no internals. Every answer carries an X-Request-Id and, for the
+API, a Server-Timing header; every request writes one structured log line.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ import base64
 import dataclasses
 import json
 import logging
+import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import flask
@@ -22,9 +27,9 @@ from imagegen.auth import Authenticator, client_ip, make_authenticator
 from imagegen.config import MAX_BODY_BYTES, Settings, load_settings
 from imagegen.cors import cors_headers, preflight_headers
 from imagegen.errors import ConfigurationError, ImageGenError, MethodNotAllowed, PayloadTooLarge, StorageError
-from imagegen.hf_client import GeneratedImage, RouterClient, new_session
-from imagegen.logs import get_logger, prompt_fingerprint
-from imagegen.page import PAGE_PATHS, Page, render_page
+from imagegen.hf_client import Attempt, GeneratedImage, RouterClient, new_session
+from imagegen.logs import get_logger, http_request_fields, prompt_fingerprint, trace_fields
+from imagegen.page import Page, render_page
 from imagegen.png_info import embed_parameters
 from imagegen.ratelimit import RateLimiter
 from imagegen.storage import ImageMetadata, ImageStore, image_name, make_store
@@ -35,6 +40,35 @@ MAX_CHOSEN_SEED = 2**31 - 1
 # Cloud Run caps request bodies at 32 MiB; draining more than that is never needed.
 MAX_DRAIN_BYTES = 32 * 1024 * 1024
 COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+
+
+@dataclasses.dataclass
+class RequestRecord:
+    """What one request did: its log line's fields and the phases for Server-Timing."""
+
+    request_id: str
+    clock: Callable[[], float]
+    started: float
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> ms
+    attempts: list[Attempt] = dataclasses.field(default_factory=list)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = self.clock()
+        try:
+            yield
+        finally:
+            self.phases[name] = round((self.clock() - started) * 1000, 1)
+
+    def total_ms(self) -> float:
+        return round((self.clock() - self.started) * 1000, 1)
+
+    def server_timing(self) -> str:
+        parts = [f"{name};dur={ms}" for name, ms in self.phases.items()]
+        return ", ".join([*parts, f"total;dur={self.total_ms()}"])
 
 
 class Handler:
@@ -63,36 +97,77 @@ class Handler:
                 self._page = render_page(settings)
 
     def __call__(self, request: flask.Request) -> flask.Response:
-        started = self._clock()
+        incoming_id = request.headers.get("X-Request-Id", "")
+        record = RequestRecord(
+            request_id=incoming_id if REQUEST_ID.fullmatch(incoming_id) else uuid.uuid4().hex,
+            clock=self._clock,
+            started=self._clock(),
+        )
+        settings = self._settings if isinstance(self._settings, Settings) else None
+        allowed_origins = settings.cors_allowed_origins if settings else ("*",)
         origin = request.headers.get("Origin")
-        allowed_origins = self._settings.cors_allowed_origins if isinstance(self._settings, Settings) else ("*",)
-        log: dict[str, Any] = {"method": request.method, "path": request.path}
+        response = self._route(request, record)
+        response.headers["X-Request-Id"] = record.request_id
         if request.method == "OPTIONS":
-            return _response(204, b"", preflight_headers(origin, allowed_origins))
-        if request.method in ("GET", "HEAD") and request.path in PAGE_PATHS and self._page is not None:
-            return _response(
-                200,
-                self._page.html,
-                {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": self._page.content_security_policy},
-            )
-        try:
-            response = self._generate(request, log)
-        except ImageGenError as error:
-            response = _error_response(error)
-            log.update(code=error.code)
-            if isinstance(error, ConfigurationError):
-                log["error"] = error.message
-        except Exception:
-            self._logger.exception("Unexpected error while handling %s %s", request.method, request.path)
-            response = _error_response(
-                ImageGenError("Something went wrong on the server. Try again; if it keeps happening, check the function's logs.")
-            )
-            log.update(code="internal_error")
-        response.headers.update(cors_headers(origin, allowed_origins))
-        self._log(log, response.status_code, started)
+            response.headers.update(preflight_headers(origin, allowed_origins))
+        else:
+            response.headers.update(cors_headers(origin, allowed_origins))
+        if request.method == "POST":
+            response.headers["Server-Timing"] = record.server_timing()
+        self._log(request, response, record, settings)
         return response
 
-    def _generate(self, request: flask.Request, log: dict[str, Any]) -> flask.Response:
+    def _route(self, request: flask.Request, record: RequestRecord) -> flask.Response:
+        if request.method == "OPTIONS":
+            return _response(204, b"", {})
+        try:
+            document = self._document(request)
+            if document is not None:
+                return document
+            return self._generate(request, record)
+        except ImageGenError as error:
+            record.fields["code"] = error.code
+            if isinstance(error, ConfigurationError):
+                record.fields["error"] = error.message
+            return _error_response(error, record.request_id)
+        except Exception:
+            self._logger.exception(
+                "Unexpected error while handling %s %s", request.method, request.path, extra={"fields": {"requestId": record.request_id}}
+            )
+            record.fields["code"] = "internal_error"
+            return _error_response(
+                ImageGenError("Something went wrong on the server. Try again; if it keeps happening, report the request id."),
+                record.request_id,
+            )
+
+    def _document(self, request: flask.Request) -> flask.Response | None:
+        """The page and the OpenAPI document: GET only. None for the API's paths."""
+        if request.path == "/" and self._page is not None and request.method in ("GET", "HEAD"):
+            return self._page_response()
+        documents = {"/openapi.yaml": self._openapi_response}
+        if self._page is not None:
+            documents["/index.html"] = self._page_response
+        if request.path not in documents:
+            return None
+        if request.method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(
+                f"{request.path} is a document: use GET. Generate images with POST to the API.",
+                headers={"Allow": "GET, HEAD"},
+            )
+        return documents[request.path]()
+
+    def _page_response(self) -> flask.Response:
+        assert self._page is not None
+        return _response(
+            200,
+            self._page.html,
+            {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": self._page.content_security_policy},
+        )
+
+    def _openapi_response(self) -> flask.Response:
+        return _response(200, OPENAPI_PATH.read_bytes(), {"Content-Type": "application/yaml; charset=utf-8"})
+
+    def _generate(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         if request.method != "POST":
             raise MethodNotAllowed(
                 f"Use POST with a JSON body to generate an image (got {request.method}).",
@@ -103,23 +178,26 @@ class Handler:
             raise settings
         ip = client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, settings.trusted_proxy_hops)
         caller = self._authenticator.authenticate(request.headers, ip)
-        log["caller"] = caller.key
-        check_content_type(request.headers.get("Content-Type"))
-        generation = parse_generation_request(_read_body(request), settings)
+        record.fields["caller"] = caller.key
+        with record.phase("validate"):
+            check_content_type(request.headers.get("Content-Type"))
+            generation = parse_generation_request(_read_body(request), settings)
         # Counted only for requests that would reach Hugging Face: the limit guards the credits.
         self._limiter.take(caller.key)
         if generation.seed is None:
             # Always send a seed, so that every answer's seed reproduces its image.
             generation = dataclasses.replace(generation, seed=self._choose_seed())
-        log.update(model=generation.model, **prompt_fingerprint(generation.prompt))
+        record.fields.update(model=generation.model, seed=generation.seed, **prompt_fingerprint(generation.prompt))
         if settings.log_prompts:
-            log.update(prompt=generation.prompt, negativePrompt=generation.negative_prompt)
-        image = self._client.generate(generation)
-        log["provider"] = image.provider
-        image = dataclasses.replace(image, png=embed_parameters(image.png, generation, image.provider))
-        file_path, warning = self._store_image(image, generation)
+            record.fields.update(prompt=generation.prompt, negativePrompt=generation.negative_prompt)
+        with record.phase("upstream"):
+            image = self._client.generate(generation, record.attempts)
+        record.fields["provider"] = image.provider
+        with record.phase("storage"):
+            image = dataclasses.replace(image, png=embed_parameters(image.png, generation, image.provider))
+            file_path, warning = self._store_image(image, generation)
         if warning:
-            log["warning"] = warning
+            record.fields["warning"] = warning
         return _response(200, success_body(image, generation, file_path, warning), {"Content-Type": "application/json"})
 
     def _store_image(self, image: GeneratedImage, generation: GenerationRequest) -> tuple[str | None, str | None]:
@@ -129,17 +207,35 @@ class Handler:
         except StorageError as error:
             return None, f"The image was generated but could not be stored: {error}. It is only in this answer."
 
-    def _log(self, fields: dict[str, Any], status: int, started: float) -> None:
-        fields.update(status=status, durationMs=round((self._clock() - started) * 1000, 1))
+    def _log(self, request: flask.Request, response: flask.Response, record: RequestRecord, settings: Settings | None) -> None:
+        status = response.status_code
+        fields = record.fields
+        if record.phases:
+            fields["timingsMs"] = {**record.phases, "total": record.total_ms()}
+        if record.attempts:
+            fields["attempts"] = [dataclasses.asdict(attempt) for attempt in record.attempts]
+        hops = settings.trusted_proxy_hops if settings else 1
+        entry: dict[str, Any] = {
+            "requestId": record.request_id,
+            "httpRequest": http_request_fields(
+                method=request.method,
+                url=request.path,  # no query string: it could hold anything
+                status=status,
+                latency_seconds=record.total_ms() / 1000,
+                user_agent=request.headers.get("User-Agent"),
+                remote_ip=client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, hops),
+                request_size=request.content_length,
+                response_size=response.content_length,
+            ),
+            "imagegen": fields,
+            **trace_fields(
+                request.headers.get("X-Cloud-Trace-Context"), request.headers.get("traceparent"), settings and settings.gcp_project
+            ),
+        }
         severity = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 or "warning" in fields else logging.INFO
+        code = f" {fields['code']}" if "code" in fields else ""
         self._logger.log(
-            severity,
-            "%s %s -> %s%s",
-            fields["method"],
-            fields["path"],
-            status,
-            f" ({fields['code']})" if "code" in fields else "",
-            extra={"fields": {"request": fields}},
+            severity, "%s %s %s%s in %.0f ms", request.method, request.path, status, code, record.total_ms(), extra={"fields": entry}
         )
 
 
@@ -190,8 +286,8 @@ def success_body(
     )
 
 
-def _error_response(error: ImageGenError) -> flask.Response:
-    payload: dict[str, Any] = {"success": False, "error": error.message, "code": error.code}
+def _error_response(error: ImageGenError, request_id: str) -> flask.Response:
+    payload: dict[str, Any] = {"success": False, "error": error.message, "code": error.code, "requestId": request_id}
     if error.field:
         payload["field"] = error.field
     body = json.dumps(payload, ensure_ascii=False).encode()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -65,3 +66,61 @@ def get_logger() -> logging.Logger:
 def prompt_fingerprint(prompt: str) -> dict[str, Any]:
     digest = hashlib.sha256(prompt.encode("utf-8", "replace")).hexdigest()[:12]
     return {"promptChars": len(prompt), "promptSha256": digest}
+
+
+_CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?:/(\d+))?(?:;o=([01]))?")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def trace_fields(cloud_trace: str | None, traceparent: str | None, project: str | None) -> dict[str, Any]:
+    """Cloud Logging's trace fields, so the line sits under its request in the trace view.
+
+    From X-Cloud-Trace-Context ("TRACE/SPAN;o=1", span in decimal) or W3C traceparent
+    ("00-TRACE-SPAN-FLAGS", span in hex). Without the project id there is nothing to link to.
+    """
+    if not project:
+        return {}
+    trace = span = None
+    sampled = False
+    if traceparent and (match := _TRACEPARENT.fullmatch(traceparent.strip())):
+        trace, span, sampled = match.group(1), match.group(2), bool(int(match.group(3), 16) & 1)
+    elif cloud_trace and (match := _CLOUD_TRACE.fullmatch(cloud_trace.strip())):
+        trace = match.group(1).lower()
+        span = f"{int(match.group(2)):016x}" if match.group(2) else None
+        sampled = match.group(3) == "1"
+    if not trace:
+        return {}
+    fields: dict[str, Any] = {
+        "logging.googleapis.com/trace": f"projects/{project}/traces/{trace}",
+        "logging.googleapis.com/trace_sampled": sampled,
+    }
+    if span:
+        fields["logging.googleapis.com/spanId"] = span
+    return fields
+
+
+def http_request_fields(
+    method: str,
+    url: str,
+    status: int,
+    latency_seconds: float,
+    user_agent: str | None,
+    remote_ip: str,
+    request_size: int | None,
+    response_size: int | None,
+) -> dict[str, Any]:
+    """Cloud Logging's httpRequest object (LogEntry.HttpRequest)."""
+    fields: dict[str, Any] = {
+        "requestMethod": method,
+        "requestUrl": url,
+        "status": status,
+        "latency": f"{latency_seconds:.6f}s",
+        "remoteIp": remote_ip,
+    }
+    if user_agent:
+        fields["userAgent"] = user_agent[:256]
+    if request_size is not None:
+        fields["requestSize"] = str(request_size)
+    if response_size is not None:
+        fields["responseSize"] = str(response_size)
+    return fields

@@ -17,7 +17,6 @@ from pathlib import Path
 from imagegen.config import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
-PAGE_PATHS = ("/", "/index.html")
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,6 @@ def _text(data: dict[str, Any], name: str, max_chars: int) -> str:
         return ""
     if not isinstance(value, str):
         raise _invalid(name, "a string", value)
-    value = value.strip()
     if len(value) > max_chars:
         raise InvalidRequest(
             f'The field "{name}" is too long: {len(value)} characters, at most {max_chars}.',
@@ -141,7 +140,7 @@ def _text(data: dict[str, Any], name: str, max_chars: int) -> str:
         )
     if "\x00" in value:
         raise _invalid(name, "text without NUL characters", value)
-    return value
+    return value.strip()
 
 
 def _integer(data: dict[str, Any], name: str, low: int, high: int) -> int | None:

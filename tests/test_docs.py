@@ -45,3 +45,9 @@ def test_every_setting_is_in_the_readme_and_env_yaml():
     assert variables - SECRETS <= set(read_env_yaml())
     for name in variables | SECRETS | {"THREADS"}:
         assert f"| `{name}`" in README, name
+
+
+def test_every_error_code_has_a_troubleshooting_row():
+    table = README.split("## Troubleshooting", 1)[1]
+    for code in codes_in_source():
+        assert f"`{code}`" in table, code

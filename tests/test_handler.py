@@ -260,8 +260,8 @@ def test_prompts_are_not_logged(make_app, mocked, caplog):
     make_app().post("/", json={"prompt": "my very private prompt"})
     assert "private" not in caplog.text
     (record,) = [r for r in caplog.records if r.name == "imagegen"]
-    assert record.fields["request"]["promptChars"] == len("my very private prompt")
-    assert record.fields["request"]["status"] == 200
+    assert record.fields["imagegen"]["promptChars"] == len("my very private prompt")
+    assert record.fields["httpRequest"]["status"] == 200
 
 
 # --- the page ---------------------------------------------------------------------------------
@@ -291,3 +291,15 @@ def test_page_can_be_turned_off(make_app):
     app = make_app(SERVE_PAGE="false")
     assert app.get("/").status_code == 405
     assert app.get("/api/generate-image").status_code == 405
+
+
+def test_document_paths_are_get_only(make_app, mocked):
+    app = make_app()
+    for path in ("/openapi.yaml", "/index.html"):
+        answer = app.post(path, json={"prompt": "x"})
+        assert answer.status_code == 405 and answer.headers["Allow"] == "GET, HEAD"
+        assert answer.get_json()["code"] == "method_not_allowed"
+    assert len(mocked.calls) == 0
+    # With the page off, /index.html is just another API path.
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    assert make_app(SERVE_PAGE="false").post("/index.html", json={"prompt": "x"}).status_code == 200

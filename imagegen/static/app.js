@@ -87,7 +87,8 @@
       const headers = { "Content-Type": "application/json" };
       const credential = $("credential").value.trim();
       if (credential) headers.Authorization = `Bearer ${credential}`;
-      const response = await fetch(location.pathname, {
+      // The API answers on the page's own path; /index.html is the page only.
+      const response = await fetch(location.pathname.replace(/index\.html$/, ""), {
         method: "POST",
         headers,
         body: JSON.stringify(body),
