@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -65,8 +66,17 @@ class GeneratedImage:
 
 
 def new_session(pool_size: int = 64) -> requests.Session:
-    """A pooled session: keep-alive to the router saves a TLS handshake per generation."""
+    """A pooled session: keep-alive to the router saves a TLS handshake per generation.
+
+    Proxy settings are read from the environment once here; with trust_env, requests reads
+    the whole environment again on every call (about half a millisecond).
+    """
     session = requests.Session()
+    session.trust_env = False
+    proxies = urllib.request.getproxies()
+    if "no" in proxies:
+        proxies["no_proxy"] = proxies.pop("no")
+    session.proxies.update(proxies)
     adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=pool_size)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
@@ -218,7 +228,8 @@ class RouterClient:
         chunks: list[bytes] = []
         size = 0
         try:
-            for chunk in response.iter_content(chunk_size=256 * 1024):
+            # 64 KiB pieces come from malloc's reused heap; bigger ones map fresh pages each time.
+            for chunk in response.iter_content(chunk_size=64 * 1024):
                 size += len(chunk)
                 if size > limit:
                     if is_image:

@@ -8,7 +8,6 @@ API, a Server-Timing header; every request writes one structured log line.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import logging
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import flask
+import pybase64
 
 from imagegen.auth import Authenticator, client_ip, make_authenticator
 from imagegen.config import MAX_BODY_BYTES, Settings, load_settings
@@ -30,7 +30,7 @@ from imagegen.errors import ConfigurationError, ImageGenError, MethodNotAllowed,
 from imagegen.hf_client import Attempt, GeneratedImage, RouterClient, new_session
 from imagegen.logs import get_logger, http_request_fields, prompt_fingerprint, trace_fields
 from imagegen.page import Page, render_page
-from imagegen.png_info import embed_parameters
+from imagegen.png_info import PngParts, embed_parameters
 from imagegen.ratelimit import RateLimiter
 from imagegen.storage import ImageMetadata, ImageStore, image_name, make_store
 from imagegen.validation import GenerationRequest, check_content_type, parse_generation_request
@@ -194,16 +194,19 @@ class Handler:
             image = self._client.generate(generation, record.attempts)
         record.fields["provider"] = image.provider
         with record.phase("storage"):
-            image = dataclasses.replace(image, png=embed_parameters(image.png, generation, image.provider))
-            file_path, warning = self._store_image(image, generation)
+            png = embed_parameters(image.png, generation, image.provider)
+            file_path, warning = self._store_image(png, image, generation)
         if warning:
             record.fields["warning"] = warning
-        return _response(200, success_body(image, generation, file_path, warning), {"Content-Type": "application/json"})
+        body, length = success_body(png, image, generation, file_path, warning)
+        return _response(200, body, {"Content-Type": "application/json", "Content-Length": str(length)})
 
-    def _store_image(self, image: GeneratedImage, generation: GenerationRequest) -> tuple[str | None, str | None]:
+    def _store_image(
+        self, png: PngParts, image: GeneratedImage, generation: GenerationRequest
+    ) -> tuple[str | None, str | None]:
         metadata = ImageMetadata(model=image.model, prompt=generation.prompt, seed=generation.seed)
         try:
-            return self._store.save(image.png, image_name(generation.prompt), metadata), None
+            return self._store.save(png, image_name(generation.prompt), metadata), None
         except StorageError as error:
             return None, f"The image was generated but could not be stored: {error}. It is only in this answer."
 
@@ -265,12 +268,19 @@ def _read_body(request: flask.Request) -> bytes:
     )
 
 
-def success_body(
-    image: GeneratedImage, generation: GenerationRequest, file_path: str | None, warning: str | None
-) -> bytes:
-    """The success JSON, with the base64 spliced in rather than passed through json.dumps.
+# Raw bytes per base64 piece of a streamed answer: a multiple of 3, so pieces join cleanly,
+# and small enough (64 KiB of base64) for malloc to reuse heap memory rather than map fresh
+# pages for every piece.
+BASE64_PIECE = 3 * 16 * 1024
 
-    The image is megabytes; base64 needs no JSON escaping, so this saves a full scan and copy.
+
+def success_body(
+    png: PngParts, image: GeneratedImage, generation: GenerationRequest, file_path: str | None, warning: str | None
+) -> tuple[Iterator[bytes], int]:
+    """The success JSON as pieces and its length, the image's base64 made piece by piece.
+
+    The image is megabytes: as one string its base64 and then the joined answer would each be
+    another copy per request in flight. Base64 needs no JSON escaping, so it is spliced in.
     """
     fields: dict[str, Any] = {
         "filePath": file_path,
@@ -280,10 +290,22 @@ def success_body(
     }
     if warning:
         fields["warning"] = warning
-    rest = json.dumps(fields, ensure_ascii=False)[1:].encode()  # '"filePath": ..., ...}'
-    return b"".join(
-        (b'{"success": true, "imageUrl": "data:image/png;base64,', base64.b64encode(image.png), b'", ', rest)
-    )
+    head = b'{"success": true, "imageUrl": "data:image/png;base64,'
+    tail = b'", ' + json.dumps(fields, ensure_ascii=False)[1:].encode()  # '"filePath": ..., ...}'
+    length = len(head) + 4 * ((len(png) + 2) // 3) + len(tail)
+
+    def pieces() -> Iterator[bytes]:
+        yield head
+        # The PNG's small head is topped up from the body to a multiple of 3 bytes, so only
+        # the very last piece can carry base64 padding.
+        cut = -len(png.head) % 3
+        yield pybase64.b64encode(png.head + png.body[:cut].tobytes())
+        body = png.body[cut:]
+        for start in range(0, len(body), BASE64_PIECE):
+            yield pybase64.b64encode(body[start : start + BASE64_PIECE])
+        yield tail
+
+    return pieces(), length
 
 
 def _error_response(error: ImageGenError, request_id: str) -> flask.Response:
@@ -294,7 +316,7 @@ def _error_response(error: ImageGenError, request_id: str) -> flask.Response:
     return _response(error.status, body, {"Content-Type": "application/json", **error.headers})
 
 
-def _response(status: int, body: bytes, headers: Mapping[str, str]) -> flask.Response:
+def _response(status: int, body: bytes | Iterator[bytes], headers: Mapping[str, str]) -> flask.Response:
     response = flask.Response(body, status=status)
     response.headers.update(COMMON_HEADERS)
     response.headers.update(headers)

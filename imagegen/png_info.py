@@ -8,11 +8,38 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from imagegen.images import PNG_SIGNATURE
 from imagegen.validation import GenerationRequest
 
 _IHDR_END = len(PNG_SIGNATURE) + 4 + 4 + 13 + 4  # signature, length, type, 13 data bytes, CRC
+
+
+@dataclass(frozen=True)
+class PngParts:
+    """A PNG as a small head and a large body that is a view of the provider's bytes.
+
+    Joining them would copy the image (and page-fault a fresh megabyte-sized buffer) once
+    more per request; writers and the base64 encoder take the two parts as they are.
+    """
+
+    head: bytes
+    body: memoryview
+
+    @classmethod
+    def of(cls, png: bytes) -> PngParts:
+        return cls(b"", memoryview(png))
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        return iter((self.head, self.body))
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.body)
+
+    def tobytes(self) -> bytes:
+        return b"".join(self)
 
 
 def png_size(png: bytes) -> tuple[int, int]:
@@ -37,7 +64,7 @@ def a1111_parameters(generation: GenerationRequest, provider: str, size: tuple[i
     return "\n".join(lines)
 
 
-def embed_parameters(png: bytes, generation: GenerationRequest, provider: str) -> bytes:
+def embed_parameters(png: bytes, generation: GenerationRequest, provider: str) -> PngParts:
     if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
         raise ValueError("not a PNG that starts with IHDR")
     text = {
@@ -46,7 +73,7 @@ def embed_parameters(png: bytes, generation: GenerationRequest, provider: str) -
         "Software": "imagegen",
     }
     chunks = b"".join(_text_chunk(keyword, value) for keyword, value in text.items())
-    return png[:_IHDR_END] + chunks + png[_IHDR_END:]
+    return PngParts(png[:_IHDR_END] + chunks, memoryview(png)[_IHDR_END:])
 
 
 def _text_chunk(keyword: str, text: str) -> bytes:

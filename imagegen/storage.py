@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
+from imagegen.png_info import PngParts
+
 from imagegen.config import Settings
 from imagegen.errors import StorageError
 
@@ -32,7 +34,7 @@ class ImageMetadata:
 
 
 class ImageStore(Protocol):
-    def save(self, png: bytes, name: str, metadata: ImageMetadata) -> str: ...
+    def save(self, png: PngParts, name: str, metadata: ImageMetadata) -> str: ...
 
 
 def image_name(prompt: str, now: datetime | None = None, suffix: str | None = None) -> str:
@@ -62,13 +64,14 @@ class LocalImageStore:
         self._max_files = max_files
         self._prune_lock = threading.Lock()
 
-    def save(self, png: bytes, name: str, metadata: ImageMetadata) -> str:
+    def save(self, png: PngParts, name: str, metadata: ImageMetadata) -> str:
         path = self._directory / f"{name}.png"
         partial = self._directory / f".{name}.png.partial"
         try:
             self._directory.mkdir(parents=True, exist_ok=True)
             # Write then rename, so nobody ever sees half a file under the final name.
-            partial.write_bytes(png)
+            with open(partial, "wb") as file:
+                file.writelines(png)
             os.replace(partial, path)
         except OSError as error:
             _remove_quietly(partial)
@@ -103,7 +106,7 @@ class GcsImageStore:
         self._bucket = None
         self._client_lock = threading.Lock()
 
-    def save(self, png: bytes, name: str, metadata: ImageMetadata) -> str:
+    def save(self, png: PngParts, name: str, metadata: ImageMetadata) -> str:
         object_name = f"{self._prefix}{name}.png"
         try:
             blob = self._get_bucket().blob(object_name)
@@ -114,7 +117,7 @@ class GcsImageStore:
             }
             # if_generation_match=0: never overwrite an object, and makes the upload safe to retry.
             blob.upload_from_string(
-                png, content_type="image/png", if_generation_match=0, timeout=UPLOAD_TIMEOUT_SECONDS
+                png.tobytes(), content_type="image/png", if_generation_match=0, timeout=UPLOAD_TIMEOUT_SECONDS
             )
         except Exception as error:  # google-cloud-storage raises many unrelated types
             raise StorageError(

@@ -54,9 +54,18 @@ class ReceivedRequest:
         return json.loads(self.body)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default 5 drops connections when 100 arrive at once
+
+
 class FakeRouter:
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, image: bytes | None = None, delay_seconds: float = 0.0) -> None:
+        """`image`: served by hf-inference instead of a fresh PNG (benchmarks); `delay_seconds`:
+        how long each generation takes."""
         self.token = token
+        self.image = image
+        self.delay_seconds = delay_seconds
         self.requests: list[ReceivedRequest] = []
         self._replies: deque[Reply] = deque()
         self._release = threading.Event()
@@ -66,8 +75,7 @@ class FakeRouter:
         self._polls: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._held: list[threading.Event] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -127,13 +135,16 @@ class FakeRouter:
                 if reply.release is not None:
                     router._held.append(reply.release)
                     reply.release.wait(30)
+                if router.delay_seconds:
+                    router._release.wait(router.delay_seconds)
                 if reply.body is not None:
                     self._send(reply.status, reply.body, reply.headers)
                     return
                 parameters = json.loads(body)
                 size = _size(parameters)
                 if route.startswith("/hf-inference/models/"):
-                    self._send(reply.status, make_png(*size), {"Content-Type": "image/png", **reply.headers})
+                    image = router.image or make_png(*size)
+                    self._send(reply.status, image, {"Content-Type": "image/png", **reply.headers})
                 elif route.startswith("/fal-ai/"):
                     self._json({"images": [{"url": router._publish(make_png(*size)), "content_type": "image/png"}]})
                 elif route in ("/together/v1/images/generations", "/nscale/v1/images/generations"):

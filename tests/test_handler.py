@@ -303,3 +303,24 @@ def test_document_paths_are_get_only(make_app, mocked):
     # With the page off, /index.html is just another API path.
     mocked.post(URL, body=make_png(), content_type="image/png")
     assert make_app(SERVE_PAGE="false").post("/index.html", json={"prompt": "x"}).status_code == 200
+
+
+@pytest.mark.parametrize("head_length", [0, 1, 2, 3, 34, 35])
+@pytest.mark.parametrize("body_length", [0, 1, 2, 3, 3 * 16 * 1024 - 1, 3 * 16 * 1024 + 1, 200_003])
+def test_streamed_base64_equals_base64_of_the_whole(head_length, body_length):
+    import os
+
+    from imagegen.hf_client import GeneratedImage
+    from imagegen.http import success_body
+    from imagegen.png_info import PngParts
+    from imagegen.validation import GenerationRequest
+
+    head, body = os.urandom(head_length), os.urandom(body_length)
+    parts = PngParts(head, memoryview(body))
+    pieces, length = success_body(
+        parts, GeneratedImage(png=b"", model="m/x", provider="hf-inference", request_id=None), GenerationRequest(prompt="p", model="m/x", seed=1), None, None
+    )
+    answer = b"".join(pieces)
+    assert len(answer) == length
+    data_url = json.loads(answer)["imageUrl"]
+    assert data_url == "data:image/png;base64," + base64.b64encode(head + body).decode()

@@ -177,8 +177,9 @@ def test_html_error_page_is_not_quoted(client):
         (b"<!DOCTYPE html><html>oops</html>", "text/html", "HTML page"),
         (b'{"error": "nope"}', "application/json", "JSON"),
         (b"", "image/png", "empty body"),
-        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "image/png", "cannot be decoded"),
-        (make_png()[:-30], "image/png", "cannot be decoded"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "image/png", "without a valid IHDR"),
+        (make_png()[:-30], "image/png", "truncated PNG"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "image/jpeg", "JPEG that cannot be decoded"),
     ],
 )
 @responses.activate

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 import pytest
 
 from imagegen.errors import StorageError
+from imagegen.png_info import PngParts
 from imagegen.storage import GcsImageStore, ImageMetadata, LocalImageStore, image_name, make_store
 from tests.fake_router import make_png
 
@@ -35,7 +36,7 @@ def test_names_are_unique():
 
 def test_local_store_writes_the_bytes(tmp_path):
     png = make_png()
-    path = LocalImageStore(tmp_path / "nested" / "dir", 10).save(png, "n1", METADATA)
+    path = LocalImageStore(tmp_path / "nested" / "dir", 10).save(PngParts.of(png), "n1", METADATA)
     assert path == str(tmp_path / "nested" / "dir" / "n1.png")
     assert os.path.isabs(path)
     with open(path, "rb") as stored:
@@ -45,7 +46,7 @@ def test_local_store_writes_the_bytes(tmp_path):
 def test_local_store_keeps_only_the_newest_files(tmp_path):
     store = LocalImageStore(tmp_path, 3)
     for index in range(6):
-        store.save(make_png(), f"2026010{index}T000000Z-p-x", METADATA)
+        store.save(PngParts.of(make_png()), f"2026010{index}T000000Z-p-x", METADATA)
     (tmp_path / "notes.txt").write_text("not ours")
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"2026010{i}T000000Z-p-x.png" for i in (3, 4, 5)]
     assert (tmp_path / "notes.txt").exists()
@@ -55,7 +56,7 @@ def test_local_store_failure_is_a_storage_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the directory should be")
     with pytest.raises(StorageError) as caught:
-        LocalImageStore(blocker, 3).save(make_png(), "n", METADATA)
+        LocalImageStore(blocker, 3).save(PngParts.of(make_png()), "n", METADATA)
     assert "IMAGE_DIR" in str(caught.value)
     assert list(tmp_path.iterdir()) == [blocker]
 
@@ -82,7 +83,7 @@ def test_gcs_store_uploads_with_type_and_metadata(gcs):
     png = make_png()
     long_prompt = "fox " * 500
     file_path = GcsImageStore(gcs.name, "images/").save(
-        png, "20261124T000000Z-fox-1234", ImageMetadata(model="owner/model", prompt=long_prompt, seed=None)
+        PngParts.of(png), "20261124T000000Z-fox-1234", ImageMetadata(model="owner/model", prompt=long_prompt, seed=None)
     )
     assert file_path == f"gs://{gcs.name}/images/20261124T000000Z-fox-1234.png"
     blob = gcs.get_blob("images/20261124T000000Z-fox-1234.png")
@@ -92,12 +93,12 @@ def test_gcs_store_uploads_with_type_and_metadata(gcs):
 
 
 def test_gcs_store_with_empty_prefix(gcs):
-    assert GcsImageStore(gcs.name, "").save(make_png(), "n", METADATA) == f"gs://{gcs.name}/n.png"
+    assert GcsImageStore(gcs.name, "").save(PngParts.of(make_png()), "n", METADATA) == f"gs://{gcs.name}/n.png"
     assert gcs.get_blob("n.png").metadata["seed"] == "7"
 
 
 def test_gcs_missing_bucket_is_a_storage_error(storage_emulator, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", storage_emulator.url)
     with pytest.raises(StorageError) as caught:
-        GcsImageStore("no-such-bucket-here", "images/").save(make_png(), "n", METADATA)
+        GcsImageStore("no-such-bucket-here", "images/").save(PngParts.of(make_png()), "n", METADATA)
     assert "gs://no-such-bucket-here" in str(caught.value) and "IMAGE_BUCKET" in str(caught.value)
