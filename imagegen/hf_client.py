@@ -35,6 +35,7 @@ from imagegen.providers.base import (
     TaskFailed,
 )
 from imagegen.retry import MIN_ATTEMPT_SECONDS, RETRYABLE_STATUSES, Timing, backoff_delay, server_delay_seconds
+from imagegen.slots import Slot
 from imagegen.validation import GenerationRequest
 
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -59,14 +60,16 @@ class Attempt:
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    png: bytes
+    png: bytes | bytearray
     model: str
     provider: str
     request_id: str | None
 
 
-def new_session(pool_size: int = 64) -> requests.Session:
+def new_session(pool_size: int = 256) -> requests.Session:
     """A pooled session: keep-alive to the router saves a TLS handshake per generation.
+
+    The pool is larger than any sensible THREADS, so no request in a burst has to reconnect.
 
     Proxy settings are read from the environment once here; with trust_env, requests reads
     the whole environment again on every call (about half a millisecond).
@@ -91,8 +94,14 @@ class RouterClient:
         self._timing = timing or Timing()
         self._mapping = ProviderMapping(settings, self._session, self._timing.clock)
 
-    def generate(self, request: GenerationRequest, attempts: list[Attempt] | None = None) -> GeneratedImage:
-        """The image, or the `UpstreamError` of the last try; `attempts` receives every try."""
+    def generate(
+        self, request: GenerationRequest, attempts: list[Attempt] | None = None, slot: Slot | None = None
+    ) -> GeneratedImage:
+        """The image, or the `UpstreamError` of the last try; `attempts` receives every try.
+
+        `slot` is taken before an answer's body is read (see imagegen.slots); the caller
+        releases it once the image is no longer needed.
+        """
         attempts = [] if attempts is None else attempts
         token = self._settings.require_token()
         deadline = self._timing.clock() + self._settings.hf_deadline_seconds
@@ -100,7 +109,7 @@ class RouterClient:
         tried: list[str] = []
         for index, route in enumerate(routes):
             try:
-                return self._with_retries(route, request, token, deadline, attempts)
+                return self._with_retries(route, request, token, deadline, attempts, slot)
             except UpstreamError as error:
                 is_last = index == len(routes) - 1
                 if is_last or not error.fail_over or self._time_left(deadline) < MIN_ATTEMPT_SECONDS:
@@ -111,13 +120,19 @@ class RouterClient:
         raise AssertionError("routes() returns at least one route")
 
     def _with_retries(
-        self, route: Route, request: GenerationRequest, token: str, deadline: float, attempts: list[Attempt]
+        self,
+        route: Route,
+        request: GenerationRequest,
+        token: str,
+        deadline: float,
+        attempts: list[Attempt],
+        slot: Slot | None,
     ) -> GeneratedImage:
         retries = 0
         while True:
             started = self._timing.clock()
             try:
-                image = self._attempt(route, request, token, deadline)
+                image = self._attempt(route, request, token, deadline, slot)
                 attempts.append(Attempt(route.provider, 200, None, self._elapsed_ms(started)))
                 return image
             except UpstreamError as error:
@@ -130,9 +145,11 @@ class RouterClient:
                     raise  # no time for another try; 429 passes its Retry-After on
                 self._timing.sleep(delay)
 
-    def _attempt(self, route: Route, request: GenerationRequest, token: str, deadline: float) -> GeneratedImage:
+    def _attempt(
+        self, route: Route, request: GenerationRequest, token: str, deadline: float, slot: Slot | None
+    ) -> GeneratedImage:
         provider = PROVIDERS[route.provider]
-        context = _Context(provider.name, request.model, token)
+        context = _Context(provider.name, request.model, token, slot)
         call = provider.build(request, route.provider_model, self._settings.hf_router_url)
         response, body = self._send("POST", call.url, context, deadline, json=call.json, headers={**call.headers, **context.auth()})
         try:
@@ -187,6 +204,8 @@ class RouterClient:
             context.status = response.status_code
             context.request_id = response.headers.get("x-request-id") or context.request_id
             ok = response.status_code in (200, 201, 202)
+            if ok and context.slot is not None and not context.slot.take(timeout=self._time_left(deadline)):
+                raise _timeout(context, self._settings)
             body = self._read_body(response, MAX_IMAGE_BYTES if ok else MAX_ERROR_BODY_BYTES, deadline, context, ok)
         if not ok:
             raise _error_for_status(response, body, context)
@@ -221,28 +240,42 @@ class RouterClient:
         except requests.RequestException as error:
             raise BadAnswer(f"no image from its URL ({type(error).__name__})") from None
 
-    def _read_body(self, response: requests.Response, limit: int, deadline: float, context: _Context, is_image: bool) -> bytes:
+    def _read_body(
+        self, response: requests.Response, limit: int, deadline: float, context: _Context, is_image: bool
+    ) -> bytes | bytearray:
+        """The body, within `limit` bytes and the deadline.
+
+        When the length is declared, the body goes straight into one buffer of that size:
+        collecting pieces and joining them would hold the image twice for a moment.
+        """
         declared = response.headers.get("Content-Length", "")
-        if is_image and declared.isdigit() and int(declared) > limit:
+        expected = int(declared) if declared.isdigit() and "Content-Encoding" not in response.headers else None
+        if is_image and expected is not None and expected > limit:
             raise _too_large(context, limit)
+        buffer = bytearray(expected) if expected is not None and expected <= limit else None
         chunks: list[bytes] = []
         size = 0
         try:
             # 64 KiB pieces come from malloc's reused heap; bigger ones map fresh pages each time.
             for chunk in response.iter_content(chunk_size=64 * 1024):
-                size += len(chunk)
-                if size > limit:
+                if size + len(chunk) > limit or (buffer is not None and size + len(chunk) > len(buffer)):
                     if is_image:
                         raise _too_large(context, limit)
                     break  # an error page: its first part is all the message we need
-                chunks.append(chunk)
+                if buffer is not None:
+                    buffer[size : size + len(chunk)] = chunk
+                else:
+                    chunks.append(chunk)
+                size += len(chunk)
                 if self._timing.clock() > deadline:
                     raise _timeout(context, self._settings)
         except requests.Timeout:
             raise _timeout(context, self._settings) from None
         except requests.RequestException as error:
             raise _unreachable(context, self._settings.hf_router_url, error) from None
-        return b"".join(chunks)
+        if buffer is None:
+            return b"".join(chunks)
+        return buffer if size == len(buffer) else buffer[:size]
 
     def _elapsed_ms(self, started: float) -> float:
         return round((self._timing.clock() - started) * 1000, 1)
@@ -258,6 +291,7 @@ class _Context:
     provider: str
     model: str
     token: str
+    slot: Slot | None = None
     status: int | None = None
     request_id: str | None = None
 

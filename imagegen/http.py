@@ -32,6 +32,7 @@ from imagegen.logs import get_logger, http_request_fields, prompt_fingerprint, t
 from imagegen.page import Page, render_page
 from imagegen.png_info import PngParts, embed_parameters
 from imagegen.ratelimit import RateLimiter
+from imagegen.slots import ImageSlots
 from imagegen.storage import ImageMetadata, ImageStore, image_name, make_store
 from imagegen.validation import GenerationRequest, check_content_type, parse_generation_request
 
@@ -79,6 +80,7 @@ class Handler:
         store: ImageStore | None = None,
         authenticator: Authenticator | None = None,
         limiter: RateLimiter | None = None,
+        slots: ImageSlots | None = None,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
         choose_seed: Callable[[], int] = lambda: secrets.randbelow(MAX_CHOSEN_SEED + 1),
@@ -87,6 +89,7 @@ class Handler:
         self._logger = logger or get_logger()
         self._clock = clock
         self._choose_seed = choose_seed
+        self._slots = slots or ImageSlots()
         self._page: Page | None = None
         if isinstance(settings, Settings):
             self._client = client or RouterClient(settings)
@@ -190,15 +193,20 @@ class Handler:
         record.fields.update(model=generation.model, seed=generation.seed, **prompt_fingerprint(generation.prompt))
         if settings.log_prompts:
             record.fields.update(prompt=generation.prompt, negativePrompt=generation.negative_prompt)
-        with record.phase("upstream"):
-            image = self._client.generate(generation, record.attempts)
-        record.fields["provider"] = image.provider
-        with record.phase("storage"):
-            png = embed_parameters(image.png, generation, image.provider)
-            file_path, warning = self._store_image(png, image, generation)
-        if warning:
-            record.fields["warning"] = warning
-        body, length = success_body(png, image, generation, file_path, warning)
+        slot = self._slots.claim()
+        try:
+            with record.phase("upstream"):
+                image = self._client.generate(generation, record.attempts, slot)
+            record.fields["provider"] = image.provider
+            with record.phase("storage"):
+                png = embed_parameters(image.png, generation, image.provider)
+                file_path, warning = self._store_image(png, image, generation)
+            if warning:
+                record.fields["warning"] = warning
+            body, length = success_body(png, image, generation, file_path, warning)
+        finally:
+            # Sending is left out on purpose: a slow client must not hold up other requests.
+            slot.release()
         return _response(200, body, {"Content-Type": "application/json", "Content-Length": str(length)})
 
     def _store_image(

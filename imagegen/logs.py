@@ -38,10 +38,30 @@ class JsonLineFormatter(logging.Formatter):
 
 
 class StdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is at the time, not what it was at start-up."""
+    """Writes to whatever sys.stdout is at the time, not what it was at start-up.
+
+    The line is formatted before the handler's lock is taken: with a hundred requests
+    finishing together, formatting under the lock made them queue for it.
+    """
 
     def __init__(self) -> None:
         super().__init__(sys.stdout)
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if not self.filter(record):
+            return False
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return False
+        with self.lock:
+            try:
+                self.stream.write(line)
+                self.flush()
+            except Exception:
+                self.handleError(record)
+        return True
 
     @property
     def stream(self):

@@ -29,7 +29,7 @@ class PngParts:
     body: memoryview
 
     @classmethod
-    def of(cls, png: bytes) -> PngParts:
+    def of(cls, png: bytes | bytearray) -> PngParts:
         return cls(b"", memoryview(png))
 
     def __iter__(self) -> Iterator[bytes | memoryview]:
@@ -42,7 +42,7 @@ class PngParts:
         return b"".join(self)
 
 
-def png_size(png: bytes) -> tuple[int, int]:
+def png_size(png: bytes | bytearray) -> tuple[int, int]:
     width, height = struct.unpack(">II", png[16:24])
     return width, height
 
@@ -64,7 +64,7 @@ def a1111_parameters(generation: GenerationRequest, provider: str, size: tuple[i
     return "\n".join(lines)
 
 
-def embed_parameters(png: bytes, generation: GenerationRequest, provider: str) -> PngParts:
+def embed_parameters(png: bytes | bytearray, generation: GenerationRequest, provider: str) -> PngParts:
     if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
         raise ValueError("not a PNG that starts with IHDR")
     text = {
@@ -73,7 +73,7 @@ def embed_parameters(png: bytes, generation: GenerationRequest, provider: str) -
         "Software": "imagegen",
     }
     chunks = b"".join(_text_chunk(keyword, value) for keyword, value in text.items())
-    return PngParts(png[:_IHDR_END] + chunks, memoryview(png)[_IHDR_END:])
+    return PngParts(bytes(png[:_IHDR_END]) + chunks, memoryview(png)[_IHDR_END:])
 
 
 def _text_chunk(keyword: str, text: str) -> bytes:

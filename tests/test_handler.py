@@ -5,6 +5,7 @@ import io
 import json
 import logging
 
+import flask
 import pytest
 import requests
 import responses
@@ -324,3 +325,34 @@ def test_streamed_base64_equals_base64_of_the_whole(head_length, body_length):
     assert len(answer) == length
     data_url = json.loads(answer)["imageUrl"]
     assert data_url == "data:image/png;base64," + base64.b64encode(head + body).decode()
+
+
+def test_image_slots_are_given_back_on_success_and_failure(monkeypatch, make_settings, mocked):
+    from imagegen.http import Handler
+    from imagegen.slots import ImageSlots
+
+    slots = ImageSlots(1)
+    app = flask.Flask("t")
+    handler = Handler(make_settings(HF_MAX_RETRIES="0", RATE_LIMIT_PER_MINUTE="0"), slots=slots)
+    app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])
+    client = app.test_client()
+    mocked.post(URL, json={"error": "busy"}, status=503)
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    mocked.post(URL, body=b"<html>", content_type="text/html")
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    statuses = [client.post("/", json={"prompt": "x"}).status_code for _ in range(4)]
+    assert statuses == [502, 200, 502, 200]  # with one slot, a leak would have made the next 504
+    assert slots.claim().take(timeout=0)
+
+
+def test_slot_is_taken_once_and_released_once():
+    from imagegen.slots import ImageSlots
+
+    slots = ImageSlots(1)
+    first, second = slots.claim(), slots.claim()
+    assert first.take(0) and first.take(0)
+    assert not second.take(0.01)
+    first.release()
+    first.release()
+    assert second.take(0)
+    assert not slots.claim().take(0)
