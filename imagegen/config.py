@@ -79,6 +79,7 @@ class Settings:
     trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS
     log_prompts: bool = False
     gcp_project: str | None = None
+    cache: bool = True
 
     def require_token(self) -> str:
         if not self.hf_token:
@@ -171,6 +172,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
         log_prompts=_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),
+        cache=_boolean("CACHE", get("CACHE"), default=True),
         serve_page=_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
         max_prompt_chars=int(
             _number(

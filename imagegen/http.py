@@ -27,12 +27,13 @@ from imagegen.auth import Authenticator, client_ip, make_authenticator
 from imagegen.config import MAX_BODY_BYTES, Settings, load_settings
 from imagegen.cors import cors_headers, preflight_headers
 from imagegen.errors import ConfigurationError, ImageGenError, MethodNotAllowed, PayloadTooLarge, StorageError
-from imagegen.hf_client import Attempt, GeneratedImage, RouterClient, new_session
+from imagegen.hf_client import Attempt, RouterClient, new_session
 from imagegen.logs import get_logger, http_request_fields, prompt_fingerprint, trace_fields
 from imagegen.page import Page, render_page
-from imagegen.png_info import PngParts, embed_parameters
+from imagegen.png_info import PngParts, embed_parameters, png_text
 from imagegen.ratelimit import RateLimiter
 from imagegen.slots import ImageSlots
+from imagegen.cache import SingleFlight, cached_image_name
 from imagegen.storage import ImageMetadata, ImageStore, image_name, make_store
 from imagegen.validation import GenerationRequest, check_content_type, parse_generation_request
 
@@ -43,6 +44,19 @@ MAX_DRAIN_BYTES = 32 * 1024 * 1024
 COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
+# Followers of an identical request in flight wait for it at most this much past its deadline.
+SINGLE_FLIGHT_GRACE_SECONDS = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Produced:
+    """An image ready to answer with: the PNG, what made it, and where it is stored."""
+
+    png: PngParts
+    model: str
+    provider: str
+    file_path: str | None
+    warning: str | None
 
 
 @dataclasses.dataclass
@@ -90,6 +104,7 @@ class Handler:
         self._clock = clock
         self._choose_seed = choose_seed
         self._slots = slots or ImageSlots()
+        self._flights: SingleFlight[Produced] = SingleFlight()
         self._page: Page | None = None
         if isinstance(settings, Settings):
             self._client = client or RouterClient(settings)
@@ -185,6 +200,16 @@ class Handler:
         with record.phase("validate"):
             check_content_type(request.headers.get("Content-Type"))
             generation = parse_generation_request(_read_body(request), settings)
+        cache_name = cached_image_name(generation) if settings.cache and generation.seed is not None else None
+        if cache_name is not None:
+            with record.phase("cache"):
+                hit = self._store.load(cache_name)
+            if hit is not None:
+                png, file_path = hit
+                provider = png_text(png, "provider") or generation.provider
+                record.fields.update(model=generation.model, provider=provider, seed=generation.seed, cached=True)
+                produced = Produced(PngParts.of(png), generation.model, provider, file_path, None)
+                return _success_response(produced, generation.seed, cached=True)
         # Counted only for requests that would reach Hugging Face: the limit guards the credits.
         self._limiter.take(caller.key)
         if generation.seed is None:
@@ -193,30 +218,37 @@ class Handler:
         record.fields.update(model=generation.model, seed=generation.seed, **prompt_fingerprint(generation.prompt))
         if settings.log_prompts:
             record.fields.update(prompt=generation.prompt, negativePrompt=generation.negative_prompt)
+        if cache_name is not None:
+            produced, shared = self._flights.do(
+                cache_name,
+                lambda: self._produce(generation, record, cache_name),
+                timeout=settings.hf_deadline_seconds + SINGLE_FLIGHT_GRACE_SECONDS,
+            )
+        else:
+            produced, shared = self._produce(generation, record, image_name(generation.prompt)), False
+        record.fields.update(provider=produced.provider, cached=shared)
+        if produced.warning:
+            record.fields["warning"] = produced.warning
+        return _success_response(produced, generation.seed, cached=shared)
+
+    def _produce(self, generation: GenerationRequest, record: RequestRecord, name: str) -> Produced:
+        """Generate, embed the parameters, store: the image and where it went."""
         slot = self._slots.claim()
         try:
             with record.phase("upstream"):
                 image = self._client.generate(generation, record.attempts, slot)
-            record.fields["provider"] = image.provider
             with record.phase("storage"):
                 png = embed_parameters(image.png, generation, image.provider)
-                file_path, warning = self._store_image(png, image, generation)
-            if warning:
-                record.fields["warning"] = warning
-            body, length = success_body(png, image, generation, file_path, warning)
+                metadata = ImageMetadata(model=image.model, prompt=generation.prompt, seed=generation.seed)
+                try:
+                    file_path, warning = self._store.save(png, name, metadata), None
+                except StorageError as error:
+                    file_path = None
+                    warning = f"The image was generated but could not be stored: {error}. It is only in this answer."
         finally:
             # Sending is left out on purpose: a slow client must not hold up other requests.
             slot.release()
-        return _response(200, body, {"Content-Type": "application/json", "Content-Length": str(length)})
-
-    def _store_image(
-        self, png: PngParts, image: GeneratedImage, generation: GenerationRequest
-    ) -> tuple[str | None, str | None]:
-        metadata = ImageMetadata(model=image.model, prompt=generation.prompt, seed=generation.seed)
-        try:
-            return self._store.save(png, image_name(generation.prompt), metadata), None
-        except StorageError as error:
-            return None, f"The image was generated but could not be stored: {error}. It is only in this answer."
+        return Produced(png, image.model, image.provider, file_path, warning)
 
     def _log(self, request: flask.Request, response: flask.Response, record: RequestRecord, settings: Settings | None) -> None:
         status = response.status_code
@@ -282,24 +314,24 @@ def _read_body(request: flask.Request) -> bytes:
 BASE64_PIECE = 3 * 16 * 1024
 
 
-def success_body(
-    png: PngParts, image: GeneratedImage, generation: GenerationRequest, file_path: str | None, warning: str | None
-) -> tuple[Iterator[bytes], int]:
+def success_body(produced: Produced, seed: int | None, cached: bool) -> tuple[Iterator[bytes], int]:
     """The success JSON as pieces and its length, the image's base64 made piece by piece.
 
     The image is megabytes: as one string its base64 and then the joined answer would each be
     another copy per request in flight. Base64 needs no JSON escaping, so it is spliced in.
     """
     fields: dict[str, Any] = {
-        "filePath": file_path,
-        "model": image.model,
-        "provider": image.provider,
-        "seed": generation.seed,
+        "filePath": produced.file_path,
+        "model": produced.model,
+        "provider": produced.provider,
+        "seed": seed,
+        "cached": cached,
     }
-    if warning:
-        fields["warning"] = warning
+    if produced.warning:
+        fields["warning"] = produced.warning
     head = b'{"success": true, "imageUrl": "data:image/png;base64,'
     tail = b'", ' + json.dumps(fields, ensure_ascii=False)[1:].encode()  # '"filePath": ..., ...}'
+    png = produced.png
     length = len(head) + 4 * ((len(png) + 2) // 3) + len(tail)
 
     def pieces() -> Iterator[bytes]:
@@ -314,6 +346,11 @@ def success_body(
         yield tail
 
     return pieces(), length
+
+
+def _success_response(produced: Produced, seed: int | None, cached: bool) -> flask.Response:
+    body, length = success_body(produced, seed, cached)
+    return _response(200, body, {"Content-Type": "application/json", "Content-Length": str(length)})
 
 
 def _error_response(error: ImageGenError, request_id: str) -> flask.Response:

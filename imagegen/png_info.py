@@ -42,6 +42,21 @@ class PngParts:
         return b"".join(self)
 
 
+def png_text(png: bytes, keyword: str) -> str | None:
+    """The value of a tEXt chunk before the image data (where embed_parameters puts them)."""
+    offset = len(PNG_SIGNATURE)
+    wanted = keyword.encode("latin-1") + b"\0"
+    while offset + 12 <= len(png):
+        length, kind = struct.unpack_from(">I4s", png, offset)
+        if kind == b"IDAT":
+            return None
+        data = png[offset + 8 : offset + 8 + length]
+        if kind == b"tEXt" and data.startswith(wanted):
+            return data[len(wanted) :].decode("latin-1")
+        offset += 12 + length
+    return None
+
+
 def png_size(png: bytes | bytearray) -> tuple[int, int]:
     width, height = struct.unpack(">II", png[16:24])
     return width, height

@@ -24,6 +24,7 @@ from imagegen.errors import StorageError
 MAX_SLUG_CHARS = 40
 MAX_METADATA_PROMPT_CHARS = 500
 UPLOAD_TIMEOUT_SECONDS = 30.0
+DOWNLOAD_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,13 @@ class ImageMetadata:
 
 
 class ImageStore(Protocol):
-    def save(self, png: PngParts, name: str, metadata: ImageMetadata) -> str: ...
+    def save(self, png: PngParts, name: str, metadata: ImageMetadata) -> str:
+        """Store under `name` (no '.png'; may hold one '/'); the filePath, or StorageError."""
+        ...
+
+    def load(self, name: str) -> tuple[bytes, str] | None:
+        """(the PNG, its filePath) when `name` is stored; None when not, or when it cannot be read."""
+        ...
 
 
 def image_name(prompt: str, now: datetime | None = None, suffix: str | None = None) -> str:
@@ -44,12 +51,14 @@ def image_name(prompt: str, now: datetime | None = None, suffix: str | None = No
     character to a path or object name.
     """
     now = now or datetime.now(timezone.utc)
+    return "-".join((now.strftime("%Y%m%dT%H%M%S%fZ"), prompt_slug(prompt), suffix or secrets.token_hex(4)))
+
+
+def prompt_slug(prompt: str) -> str:
+    """A short [a-z0-9-] rendering of the prompt for file names; 'image' when nothing is left."""
     ascii_prompt = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_prompt.lower()).strip("-")[:MAX_SLUG_CHARS].strip("-")
-    return "-".join(
-        part
-        for part in (now.strftime("%Y%m%dT%H%M%S%fZ"), slug or "image", suffix or secrets.token_hex(4))
-    )
+    return slug or "image"
 
 
 class LocalImageStore:
@@ -66,9 +75,9 @@ class LocalImageStore:
 
     def save(self, png: PngParts, name: str, metadata: ImageMetadata) -> str:
         path = self._directory / f"{name}.png"
-        partial = self._directory / f".{name}.png.partial"
+        partial = path.with_name(f".{path.name}.partial")
         try:
-            self._directory.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             # Write then rename, so nobody ever sees half a file under the final name.
             with open(partial, "wb") as file:
                 file.writelines(png)
@@ -79,18 +88,30 @@ class LocalImageStore:
                 f"Could not write the image to {self._directory} ({error.strerror or error}). "
                 "Check IMAGE_DIR"
             ) from None
-        self._prune()
+        self._prune(path.parent)
         return str(path)
 
-    def _prune(self) -> None:
+    def load(self, name: str) -> tuple[bytes, str] | None:
+        path = self._directory / f"{name}.png"
+        try:
+            return path.read_bytes(), str(path)
+        except OSError:
+            return None
+
+    def _prune(self, directory: Path) -> None:
         if not self._prune_lock.acquire(blocking=False):
             return  # another request is pruning right now; one at a time is enough
         try:
-            with os.scandir(self._directory) as entries:
+            with os.scandir(directory) as entries:
                 # Names start with a UTC timestamp, so name order is age order.
-                names = sorted(e.name for e in entries if e.name.endswith(".png") and e.is_file())
-            for old in names[: max(0, len(names) - self._max_files)]:
-                (self._directory / old).unlink(missing_ok=True)
+                # Oldest first: timestamped names sort by age, cached ones need their mtime.
+                files = sorted(
+                    (entry.stat().st_mtime, entry.name)
+                    for entry in entries
+                    if entry.name.endswith(".png") and entry.is_file()
+                )
+            for _, old in files[: max(0, len(files) - self._max_files)]:
+                (directory / old).unlink(missing_ok=True)
         except OSError:
             pass  # pruning is housekeeping; the image itself is already stored
         finally:
@@ -120,12 +141,23 @@ class GcsImageStore:
                 png.tobytes(), content_type="image/png", if_generation_match=0, timeout=UPLOAD_TIMEOUT_SECONDS
             )
         except Exception as error:  # google-cloud-storage raises many unrelated types
+            if type(error).__name__ == "PreconditionFailed":
+                # Another instance stored the same content-addressed image first: it is there.
+                return f"gs://{self._bucket_name}/{object_name}"
             raise StorageError(
                 f"Could not upload the image to gs://{self._bucket_name} "
                 f"({type(error).__name__}: {_first_line(error)}). Check IMAGE_BUCKET and that "
                 "the function's service account may create objects there"
             ) from None
         return f"gs://{self._bucket_name}/{object_name}"
+
+    def load(self, name: str) -> tuple[bytes, str] | None:
+        object_name = f"{self._prefix}{name}.png"
+        try:
+            data = self._get_bucket().blob(object_name).download_as_bytes(timeout=DOWNLOAD_TIMEOUT_SECONDS)
+        except Exception:  # NotFound, or storage trouble: either way, generate instead
+            return None
+        return data, f"gs://{self._bucket_name}/{object_name}"
 
     def _get_bucket(self):
         with self._client_lock:

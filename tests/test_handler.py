@@ -311,16 +311,12 @@ def test_document_paths_are_get_only(make_app, mocked):
 def test_streamed_base64_equals_base64_of_the_whole(head_length, body_length):
     import os
 
-    from imagegen.hf_client import GeneratedImage
-    from imagegen.http import success_body
+    from imagegen.http import Produced, success_body
     from imagegen.png_info import PngParts
-    from imagegen.validation import GenerationRequest
 
     head, body = os.urandom(head_length), os.urandom(body_length)
-    parts = PngParts(head, memoryview(body))
-    pieces, length = success_body(
-        parts, GeneratedImage(png=b"", model="m/x", provider="hf-inference", request_id=None), GenerationRequest(prompt="p", model="m/x", seed=1), None, None
-    )
+    produced = Produced(PngParts(head, memoryview(body)), "m/x", "hf-inference", None, None)
+    pieces, length = success_body(produced, seed=1, cached=False)
     answer = b"".join(pieces)
     assert len(answer) == length
     data_url = json.loads(answer)["imageUrl"]
