@@ -1,0 +1,276 @@
+"""Benchmarks: what the function adds to a generation, under load, at start, in memory, and cached.
+
+    .venv/bin/python bench/run.py            # about 2 minutes
+    .venv/bin/python bench/run.py --quick    # fewer rounds, for a smoke run
+
+Starts the loopback stand-in router (tests/fake_router.py) serving one realistic 1024x1024 PNG
+of about 1.7 MB, and the real function under functions-framework, then prints a table of
+figure, target and measured value. Figures are medians of several rounds; latency compares
+each request through the function with one straight to the stand-in, alternating, so machine
+noise hits both alike. IMAGE_DIR is on tmpfs (/dev/shm) when there is one, because /tmp on
+Cloud Functions is memory: on this machine's ext4 disk one write costs about 5 ms more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from tests.fake_router import FakeRouter  # noqa: E402
+from tests.servers import BIN_DIR, free_port, wait_until  # noqa: E402
+
+TOKEN = "hf_bench_token_0000000000000000"
+MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+CONCURRENT_REQUESTS = 100
+UPSTREAM_SECONDS = 2.0
+# (workers, threads per worker): the README's two recommended deployments, 1 and 2 vCPUs.
+CONFIGURATIONS = ((1, 128), (2, 64))
+
+
+def realistic_png(side: int = 1024) -> bytes:
+    """Smooth noise: compresses like a diffusion model's output (about 1.7 MB at 1024x1024)."""
+    rng = random.Random(42)
+    small = Image.frombytes("RGB", (128, 128), rng.randbytes(128 * 128 * 3))
+    out = io.BytesIO()
+    small.resize((side, side), Image.BILINEAR).save(out, format="PNG")
+    return out.getvalue()
+
+
+@dataclass
+class Function:
+    process: subprocess.Popen
+    url: str
+    started: float
+
+    def pids(self) -> list[int]:
+        """The functions-framework process and its gunicorn workers."""
+        found = [self.process.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.process.pid:
+                        found.append(int(entry.name))
+                except (OSError, IndexError, ValueError):
+                    pass
+        return found
+
+    def rss_mb(self) -> float:
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+        return total / 1024
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_function(router_url: str, image_dir: str, **env: str) -> Function:
+    port = free_port()
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "IMAGE_", "CACHE", "RATE_"))},
+        "HUGGING_FACE_API_KEY": TOKEN,
+        "HF_ROUTER_URL": router_url,
+        "IMAGE_DIR": image_dir,
+        "RATE_LIMIT_PER_MINUTE": "0",
+        "HF_MAX_RETRIES": "0",
+        **env,
+    }
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [str(BIN_DIR / "functions-framework"), "--target=generate_image", "--source=main.py", "--host=127.0.0.1", f"--port={port}"],
+        cwd=REPO_ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return Function(process, f"http://127.0.0.1:{port}", started)
+
+
+def wait_ready(function: Function) -> None:
+    def ready() -> bool:
+        try:
+            requests.options(function.url, timeout=1)
+        except requests.ConnectionError:
+            return False
+        return True
+
+    wait_until(ready, 30, "the function")
+
+
+def timed_post(session: requests.Session, url: str, **kwargs) -> tuple[float, requests.Response]:
+    """Milliseconds until the whole body is in, read in one call as a browser's native code would
+    (requests' default 10 KB pieces would weigh on the bigger answer, not on the function)."""
+    started = time.perf_counter()
+    response = session.post(url, timeout=60, stream=True, **kwargs)
+    response._content = response.raw.read()
+    return (time.perf_counter() - started) * 1000, response
+
+
+def measure_overhead(router: FakeRouter, tmp: str, rounds: int, per_round: int) -> tuple[float, float, float]:
+    """Median added ms per request (function minus stand-in), and the two medians."""
+    function = start_function(router.url, f"{tmp}/overhead", CACHE="false")
+    wait_ready(function)
+    direct, through = requests.Session(), requests.Session()
+    direct_url = f"{router.url}/hf-inference/models/{MODEL}"
+    headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "image/png"}
+    for _ in range(5):  # warm up both paths (imports, connections, page cache)
+        timed_post(direct, direct_url, json={"inputs": "warm"}, headers=headers)
+        timed_post(through, f"{function.url}/api/generate-image", json={"prompt": "warm"})
+    added, direct_all, through_all = [], [], []
+    try:
+        for _ in range(rounds):
+            # Alternate the two paths request by request, so a slow moment of this shared
+            # machine hits both alike; a round's figure is the median of its paired differences.
+            differences = []
+            for _ in range(per_round):
+                d, _ = timed_post(direct, direct_url, json={"inputs": "a fox", "parameters": {"seed": 1}}, headers=headers)
+                t, response = timed_post(through, f"{function.url}/api/generate-image", json={"prompt": "a fox"})
+                assert response.status_code == 200, response.text[:200]
+                differences.append(t - d)
+                direct_all.append(d)
+                through_all.append(t)
+            added.append(statistics.median(differences))
+    finally:
+        function.stop()
+    return statistics.median(added), statistics.median(direct_all), statistics.median(through_all)
+
+
+def measure_concurrency(router: FakeRouter, tmp: str, rounds: int, workers: int, threads: int) -> tuple[float, int, float]:
+    """Wall seconds for 100 concurrent 2 s generations, how many succeeded, and peak RSS in MB."""
+    router.delay_seconds = UPSTREAM_SECONDS
+    function = start_function(
+        router.url, f"{tmp}/concurrency-{workers}", CACHE="false", THREADS=str(threads), WORKERS=str(workers)
+    )
+    wait_ready(function)
+    walls, peaks, successes = [], [], []
+    try:
+        with ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+            list(pool.map(lambda _: requests.options(function.url, timeout=10), range(CONCURRENT_REQUESTS)))
+            for _ in range(rounds):
+                peak = [function.rss_mb()]
+                done = threading.Event()
+
+                def sample(done: threading.Event = done, peak: list[float] = peak) -> None:
+                    while not done.wait(0.02):
+                        peak[0] = max(peak[0], function.rss_mb())
+
+                sampler = threading.Thread(target=sample)
+                sampler.start()
+                started = time.perf_counter()
+                statuses = list(
+                    pool.map(
+                        lambda i: timed_post(requests.Session(), f"{function.url}/api/generate-image", json={"prompt": f"p{i}"})[1].status_code,
+                        range(CONCURRENT_REQUESTS),
+                    )
+                )
+                walls.append(time.perf_counter() - started)
+                done.set()
+                sampler.join()
+                peaks.append(peak[0])
+                successes.append(statuses.count(200))
+    finally:
+        function.stop()
+        router.delay_seconds = 0
+    return statistics.median(walls), min(successes), max(peaks)
+
+
+def measure_cold_start(router: FakeRouter, tmp: str, rounds: int, **env: str) -> float:
+    """Median ms from process start to the first 200 answer to a generation."""
+    times = []
+    for index in range(rounds):
+        function = start_function(router.url, f"{tmp}/cold{index}", CACHE="false", **env)
+        try:
+
+            def answered(function: Function = function) -> bool:
+                try:
+                    return requests.post(f"{function.url}/", json={"prompt": "cold"}, timeout=5).status_code == 200
+                except requests.ConnectionError:
+                    return False
+
+            wait_until(answered, 30, "the first answer", interval=0.005)
+            times.append((time.perf_counter() - function.started) * 1000)
+        finally:
+            function.stop()
+    return statistics.median(times)
+
+
+def measure_cache(router: FakeRouter, tmp: str, per_round: int) -> tuple[float, float, int]:
+    """Median ms of a cache miss and a hit, and upstream calls made for all of them."""
+    function = start_function(router.url, f"{tmp}/cache")
+    wait_ready(function)
+    session = requests.Session()
+    before = len(router.posts())
+    try:
+        misses, hits = [], []
+        for index in range(per_round):
+            body = {"prompt": f"cached {index}", "seed": index}
+            misses.append(timed_post(session, f"{function.url}/", json=body)[0])
+            for _ in range(3):
+                ms, response = timed_post(session, f"{function.url}/", json=body)
+                assert response.json()["cached"] is True
+                hits.append(ms)
+    finally:
+        function.stop()
+    return statistics.median(misses), statistics.median(hits), len(router.posts()) - before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    args = parser.parse_args()
+    rounds = 3 if args.quick else 7
+    png = realistic_png()
+    router = FakeRouter(TOKEN, image=png).start()
+    results = []
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+        try:
+            added, direct, through = measure_overhead(router, tmp, rounds, 10 if args.quick else 20)
+            results.append(("Added latency per request (median of round medians)", "<= 5 ms", f"{added:.1f} ms ({direct:.1f} -> {through:.1f} ms)"))
+            for workers, threads in CONFIGURATIONS:
+                wall, ok, peak = measure_concurrency(router, tmp, 2 if args.quick else 3, workers, threads)
+                setting = f"WORKERS={workers}, THREADS={threads}"
+                results.append((f"{CONCURRENT_REQUESTS} concurrent, {UPSTREAM_SECONDS:g} s upstream, {setting}", "<= 2.5 s, all 200", f"{wall:.2f} s, {ok}/{CONCURRENT_REQUESTS} ok"))
+                results.append((f"Peak RSS during those requests, {setting}", "<= 200 MB", f"{peak:.0f} MB"))
+            cold = measure_cold_start(router, tmp, rounds)
+            results.append(("Cold start: process start to first 200 (local storage)", "<= 400 ms", f"{cold:.0f} ms"))
+            miss, hit, calls = measure_cache(router, tmp, 5 if args.quick else 10)
+            misses = 5 if args.quick else 10
+            results.append(("Cache: seeded repeat answered from storage", "no upstream call", f"hit {hit:.1f} ms vs miss {miss:.1f} ms; {calls} upstream calls for {misses} misses + {3 * misses} hits"))
+        finally:
+            router.stop()
+    print(f"\nimagegen benchmarks: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, PNG {len(png) / 1e6:.2f} MB\n")
+    widths = [max(len(row[i]) for row in [("Figure", "Target", "Measured"), *results]) for i in range(3)]
+    for row in [("Figure", "Target", "Measured"), tuple("-" * w for w in widths), *results]:
+        print("| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |")
+
+
+
+if __name__ == "__main__":
+    main()
