@@ -26,7 +26,14 @@ import pybase64
 from imagegen.auth import Authenticator, client_ip, make_authenticator
 from imagegen.config import MAX_BODY_BYTES, Settings, load_settings
 from imagegen.cors import cors_headers, preflight_headers
-from imagegen.errors import ConfigurationError, ImageGenError, MethodNotAllowed, PayloadTooLarge, StorageError
+from imagegen.errors import (
+    ConfigurationError,
+    ImageGenError,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    StorageError,
+    UpstreamTimeout,
+)
 from imagegen.hf_client import Attempt, RouterClient, new_session
 from imagegen.logs import get_logger, http_request_fields, prompt_fingerprint, trace_fields
 from imagegen.page import Page, render_page
@@ -207,7 +214,9 @@ class Handler:
             if hit is not None:
                 png, file_path = hit
                 provider = png_text(png, "provider") or generation.provider
-                record.fields.update(model=generation.model, provider=provider, seed=generation.seed, cached=True)
+                record.fields.update(
+                    model=generation.model, provider=provider, seed=generation.seed, cached=True, **prompt_fingerprint(generation.prompt)
+                )
                 produced = Produced(PngParts.of(png), generation.model, provider, file_path, None)
                 return _success_response(produced, generation.seed, cached=True)
         # Counted only for requests that would reach Hugging Face: the limit guards the credits.
@@ -219,11 +228,16 @@ class Handler:
         if settings.log_prompts:
             record.fields.update(prompt=generation.prompt, negativePrompt=generation.negative_prompt)
         if cache_name is not None:
-            produced, shared = self._flights.do(
-                cache_name,
-                lambda: self._produce(generation, record, cache_name),
-                timeout=settings.hf_deadline_seconds + SINGLE_FLIGHT_GRACE_SECONDS,
-            )
+            try:
+                produced, shared = self._flights.do(
+                    cache_name,
+                    lambda: self._produce(generation, record, cache_name),
+                    timeout=settings.hf_deadline_seconds + SINGLE_FLIGHT_GRACE_SECONDS,
+                )
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    "An identical request is still being generated and did not finish in time. Try again in a minute."
+                ) from None
         else:
             produced, shared = self._produce(generation, record, image_name(generation.prompt)), False
         record.fields.update(provider=produced.provider, cached=shared)

@@ -198,3 +198,15 @@ def test_two_instances_share_the_cache_through_the_bucket(run_function, router, 
     assert (made["cached"], reused["cached"]) == (False, True)
     assert made["filePath"] == reused["filePath"] and made["filePath"].startswith(f"gs://{bucket.name}/images/seeded/")
     assert made["imageUrl"] == reused["imageUrl"]
+
+
+def test_a_follower_that_waits_too_long_gets_a_504(make_settings, monkeypatch, mocked):
+    import imagegen.http
+
+    monkeypatch.setattr(imagegen.http, "SINGLE_FLIGHT_GRACE_SECONDS", 0)
+    handler = Handler(make_settings(HF_DEADLINE_SECONDS="1", RATE_LIMIT_PER_MINUTE="0"))
+    monkeypatch.setattr(handler._flights, "do", lambda *a, **k: (_ for _ in ()).throw(TimeoutError()))
+    app = flask.Flask("t")
+    app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])
+    answer = app.test_client().post("/", json=SEEDED)
+    assert answer.status_code == 504 and answer.get_json()["code"] == "upstream_timeout"
