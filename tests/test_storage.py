@@ -52,6 +52,19 @@ def test_local_store_keeps_only_the_newest_files(tmp_path):
     assert (tmp_path / "notes.txt").exists()
 
 
+def test_local_store_lists_the_directory_once_per_twentieth_of_its_files(tmp_path, monkeypatch):
+    listings = []
+    real_scandir = os.scandir
+    monkeypatch.setattr("imagegen.storage.os.scandir", lambda path: listings.append(path) or real_scandir(path))
+    store = LocalImageStore(tmp_path, 40)
+    names = [f"202601{index:02d}T000000Z-p-x" for index in range(1, 61)]
+    for name in names:
+        store.save(PngParts.of(make_png()), name, METADATA)
+    assert len(listings) == 60 // 2
+    kept = sorted(p.stem for p in tmp_path.glob("*.png"))
+    assert kept == names[-40:]
+
+
 def test_local_store_failure_is_a_storage_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the directory should be")
