@@ -41,6 +41,9 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     hold_seconds: float = 0.0  # wait this long (or until released) before answering
     release: threading.Event | None = None  # or until this is set (at most 30 s)
+    # Declare the whole body but send only this many bytes of it, then wait for `release`
+    # (if any) and close: a connection that drops, or stalls, half-way through an image.
+    cut_after: int | None = None
 
 
 @dataclass
@@ -132,11 +135,14 @@ class FakeRouter:
                 reply = router._next_reply()
                 if reply.hold_seconds:
                     router._release.wait(reply.hold_seconds)
-                if reply.release is not None:
+                if reply.release is not None and reply.cut_after is None:
                     router._held.append(reply.release)
                     reply.release.wait(30)
                 if router.delay_seconds:
                     router._release.wait(router.delay_seconds)
+                if reply.cut_after is not None:
+                    self._send_cut(reply)
+                    return
                 if reply.body is not None:
                     self._send(reply.status, reply.body, reply.headers)
                     return
@@ -208,6 +214,21 @@ class FakeRouter:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout test)
+
+            def _send_cut(self, reply: Reply) -> None:
+                payload = reply.body if reply.body is not None else make_png(1024, 1024)
+                try:
+                    self.send_response(reply.status)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload[: reply.cut_after])
+                    if reply.release is not None:
+                        router._held.append(reply.release)
+                        reply.release.wait(30)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
 
         return Handler
 
