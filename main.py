@@ -5,7 +5,9 @@ import os
 import functions_framework
 
 from imagegen.http import build_handler
+from imagegen.malloc import limit_malloc_arenas
 
+limit_malloc_arenas(os.environ)
 _handler = build_handler(os.environ)
 
 
