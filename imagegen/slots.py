@@ -1,19 +1,21 @@
-"""A bound on how many requests read, check and store an image at the same time.
+"""A bound on how many requests hold an image in memory (read, check, store) at the same time.
 
-When a hundred generations finish together, a hundred threads reading megabytes in 64 KiB
-pieces spend more CPU fighting over the GIL than doing the work (measured: 13 ms of CPU per
-request instead of 6.5 with 4 at a time), and each holds its image meanwhile. A request takes
-a slot just before it reads an image body and gives it back once its answer is built; bodies
-that wait stay in the kernel's socket buffers and the provider's TCP window. Sending the
-answer is outside the slot, so a slow client never holds up other requests.
+A request takes a slot just before it reads an image body and gives it back once the image
+is stored; bodies that wait stay in the kernel's socket buffers and the provider's TCP
+window. Sending the answer is outside the slot, so a slow client never holds up others.
+
+The bound is for memory. Now that a body arrives in one read (see hf_client), a hundred
+threads reading at once no longer fight over the GIL: the 100-request burst takes the same
+time with 2 or 100 slots. Its peak RSS does not: about 115 MB with 4 slots, 150 MB with 8
+(one worker, bench/run.py).
 """
 
 from __future__ import annotations
 
 import threading
 
-# About twice the cores a function instance gets: enough to keep one busy while another waits
-# on a socket or the disk. Measured on 2 cores: 4 beat 1, 2, 8, 16 and 32.
+# Over a real network a body takes tens of milliseconds to arrive, so 4 slots still take in
+# dozens of images a second; generations that finish in the same instant are rare.
 MAX_IMAGES_IN_MEMORY = 4
 
 
