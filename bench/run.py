@@ -1,7 +1,7 @@
 """Benchmarks: what the function adds to a generation, under load, at start, in memory, and cached.
 
-    .venv/bin/python bench/run.py            # about 2 minutes
-    .venv/bin/python bench/run.py --quick    # fewer rounds, for a smoke run
+    .venv/bin/python bench/run.py            # about 30 seconds
+    .venv/bin/python bench/run.py --quick    # fewer rounds, about 20 seconds
 
 Starts the loopback stand-in router (tests/fake_router.py) serving one realistic 1024x1024 PNG
 of about 1.7 MB, and the real function under functions-framework, then prints a table of
