@@ -1,8 +1,8 @@
 """Fewer malloc arenas: the same work in about 20 MB less memory per worker process.
 
-glibc gives a process up to eight malloc arenas per core, and a thread that finds its arena
-busy moves to another. With 80 to 128 threads each briefly holding megabytes (an image, its
-base64), freed memory ends up spread over many arenas that each keep their high-water mark.
+glibc hands threads malloc arenas of their own, up to eight per core. With 80 to 128 threads
+each briefly holding megabytes (an image, pieces of its base64), freed memory ends up spread
+over many arenas that each keep their high-water mark.
 Two arenas cost no measurable time here (bench/run.py) and lower peak RSS during the
 100-request burst from about 135 to 115 MB with one worker, and 195 to 170 MB with two.
 

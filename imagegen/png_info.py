@@ -29,7 +29,7 @@ class PngParts:
     body: memoryview
 
     @classmethod
-    def of(cls, png: bytes | bytearray) -> PngParts:
+    def of(cls, png: bytes) -> PngParts:
         return cls(b"", memoryview(png))
 
     def __iter__(self) -> Iterator[bytes | memoryview]:
@@ -57,7 +57,7 @@ def png_text(png: bytes, keyword: str) -> str | None:
     return None
 
 
-def png_size(png: bytes | bytearray) -> tuple[int, int]:
+def png_size(png: bytes) -> tuple[int, int]:
     width, height = struct.unpack(">II", png[16:24])
     return width, height
 
@@ -79,7 +79,7 @@ def a1111_parameters(generation: GenerationRequest, provider: str, size: tuple[i
     return "\n".join(lines)
 
 
-def embed_parameters(png: bytes | bytearray, generation: GenerationRequest, provider: str) -> PngParts:
+def embed_parameters(png: bytes, generation: GenerationRequest, provider: str) -> PngParts:
     if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
         raise ValueError("not a PNG that starts with IHDR")
     text = {
