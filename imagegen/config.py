@@ -51,6 +51,20 @@ MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za
 
 
 @dataclass(frozen=True)
+class BackendSettings:
+    """One backend's section of the settings: `{PREFIX}_API_KEY`, `{PREFIX}_BASE_URL`,
+    `{PREFIX}_MODEL`, `{PREFIX}_ALLOWED_MODELS`, and the backend's own variables in `options`
+    (raw strings, e.g. {"LOCAL_DEVICE": "cpu"}), which the backend checks when it is built."""
+
+    name: str
+    api_key: str | None = field(default=None, repr=False)
+    base_url: str | None = None
+    model: str = ""
+    allowed_models: tuple[str, ...] = ()
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Settings:
     hf_token: str | None = field(default=None, repr=False)
     hf_router_url: str = DEFAULT_ROUTER_URL

@@ -104,6 +104,30 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+class ContentRejected(UpstreamError):
+    """The backend's safety system refused the prompt or the image; the message says why."""
+
+    status = 422
+    code = "content_rejected"
+
+
+class BackendBusy(UpstreamError):
+    """Every slot for a local model is taken; the caller should come back shortly."""
+
+    status = 503
+    code = "backend_busy"
+
+
+class Cancelled(ImageGenError):
+    """The caller went away; nothing is answered, the work stops where it can."""
+
+    status = 499
+    code = "cancelled"
+
+    def __init__(self, message: str = "The request was cancelled by the caller.") -> None:
+        super().__init__(message)
+
+
 # --- storage (never reaches the caller as an error: the image is returned with a warning) -----
 
 

@@ -1,0 +1,69 @@
+"""The shapes every layer shares: what was asked, where it is sent, what came back.
+
+Parsers build a `GenerationRequest`; the dispatcher turns it into `Route`s, one per place that
+could make the image; a backend answers one route with a `GeneratedImage`; every try is an
+`Attempt` in the request's log line. Nothing here knows about HTTP, Flask or a vendor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A checked request. `model`, `backend` and `provider` are None when the caller let the
+    server choose (each backend's default model, every configured backend in order)."""
+
+    prompt: str
+    model: str | None = None
+    backend: str | None = None
+    provider: str | None = None  # a Hugging Face inference provider, or "auto"
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """One place to send a generation: a backend, its model, and for Hugging Face the
+    inference provider and the model's id there."""
+
+    backend: str
+    model: str
+    provider: str | None = None
+    provider_model: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}/{self.provider}" if self.provider else self.backend
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """An image a backend made, as PNG bytes, and what made it.
+
+    `seed` is the seed that reproduces it, or None where the backend cannot reproduce one;
+    `ignored` names the request fields the backend could not honour.
+    """
+
+    png: bytes
+    route: Route
+    seed: int | None
+    ignored: tuple[str, ...] = ()
+    request_id: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)  # e.g. queued, model
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try at one route, for the request's log line."""
+
+    backend: str
+    provider: str | None
+    status: int | None  # the vendor's HTTP status, None when no answer came
+    code: str | None  # our error code; None when the try produced the image
+    ms: float
