@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -70,9 +70,9 @@ class Settings:
     hf_router_url: str = DEFAULT_ROUTER_URL
     hf_model: str = DEFAULT_MODEL
     hf_allowed_models: tuple[str, ...] = (DEFAULT_MODEL,)
-    hf_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
-    hf_deadline_seconds: float = DEFAULT_DEADLINE_SECONDS
-    hf_max_retries: int = DEFAULT_MAX_RETRIES
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    deadline_seconds: float = DEFAULT_DEADLINE_SECONDS
+    max_retries: int = DEFAULT_MAX_RETRIES
     hf_provider: str = DEFAULT_PROVIDER
     hf_allowed_providers: tuple[str, ...] = (DEFAULT_PROVIDER,)
     hf_hub_url: str = DEFAULT_HUB_URL
@@ -94,15 +94,21 @@ class Settings:
     log_prompts: bool = False
     gcp_project: str | None = None
     cache: bool = True
+    # The enabled backends in failover order, and every backend's section (enabled or not).
+    backends: tuple[str, ...] = ()
+    backend_settings: Mapping[str, BackendSettings] = field(default_factory=dict, repr=False)
 
-    def require_token(self) -> str:
-        if not self.hf_token:
+    def require_backends(self) -> tuple[str, ...]:
+        if not self.backends:
+            from imagegen.backends.registry import BACKENDS
+
+            choices = "; ".join(f"{name}: {spec.credential_hint()}" for name, spec in BACKENDS.items() if not spec.fallback)
             raise ConfigurationError(
-                "The server has no Hugging Face token: set HUGGING_FACE_API_KEY (or HF_TOKEN) "
-                "to a token with the 'Make calls to Inference Providers' permission.",
+                "This server has no image backend configured. Set the credential of the API you use "
+                f"({choices}), or install requirements-local.txt to run the local model.",
                 code="missing_api_key",
             )
-        return self.hf_token
+        return self.backends
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -132,21 +138,18 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             "(such as 'https://app.example.com'), not '*'.",
             code="invalid_configuration",
         )
+    sections = _backend_sections(get, token, model, allowed)
     return Settings(
+        backends=_enabled_backends(get, sections),
+        backend_settings=sections,
         hf_token=token,
         hf_router_url=_http_url("HF_ROUTER_URL", get("HF_ROUTER_URL") or DEFAULT_ROUTER_URL),
         hf_model=model,
         # The default model is always allowed: a request without "model" must work.
         hf_allowed_models=tuple(dict.fromkeys((model, *allowed))),
-        hf_timeout_seconds=_number(
-            "HF_TIMEOUT_SECONDS", get("HF_TIMEOUT_SECONDS"), DEFAULT_TIMEOUT_SECONDS, 1, 3600
-        ),
-        hf_deadline_seconds=_number(
-            "HF_DEADLINE_SECONDS", get("HF_DEADLINE_SECONDS"), DEFAULT_DEADLINE_SECONDS, 1, 3600
-        ),
-        hf_max_retries=int(
-            _number("HF_MAX_RETRIES", get("HF_MAX_RETRIES"), DEFAULT_MAX_RETRIES, 0, 10, integer=True)
-        ),
+        timeout_seconds=_number(*_either(get, "TIMEOUT_SECONDS"), DEFAULT_TIMEOUT_SECONDS, 1, 3600),
+        deadline_seconds=_number(*_either(get, "DEADLINE_SECONDS"), DEFAULT_DEADLINE_SECONDS, 1, 3600),
+        max_retries=int(_number(*_either(get, "MAX_RETRIES"), DEFAULT_MAX_RETRIES, 0, 10, integer=True)),
         hf_provider=provider,
         hf_allowed_providers=tuple(dict.fromkeys((provider, *allowed_providers))),
         hf_hub_url=_http_url("HF_HUB_URL", get("HF_HUB_URL") or DEFAULT_HUB_URL),
@@ -199,6 +202,75 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             )
         ),
     )
+
+
+def _either(get: Callable[[str], str | None], name: str) -> tuple[str, str | None]:
+    """A setting for every backend, also read under its older Hugging Face name (HF_...)."""
+    if get(name) is not None:
+        return name, get(name)
+    return f"HF_{name}", get(f"HF_{name}")
+
+
+def _backend_sections(
+    get: Callable[[str], str | None], hf_token: str | None, hf_model: str, hf_allowed: tuple[str, ...]
+) -> dict[str, BackendSettings]:
+    from imagegen.backends.registry import BACKENDS
+
+    sections: dict[str, BackendSettings] = {}
+    for name, spec in BACKENDS.items():
+        if name == "huggingface":
+            key, model, allowed = hf_token, hf_model, hf_allowed
+        else:
+            key = next((get(variable) for variable in spec.key_variables if get(variable)), None)
+            model = _backend_model(spec, spec.model_variable, get(spec.model_variable) or spec.default_model)
+            allowed = tuple(
+                _backend_model(spec, spec.allowed_models_variable, item.strip())
+                for item in (get(spec.allowed_models_variable) or "").split(",")
+                if item.strip()
+            )
+        url = None
+        if spec.url_variable:
+            url = get(spec.url_variable) or spec.default_url
+            url = _http_url(spec.url_variable, url) if url else None
+        sections[name] = BackendSettings(
+            name=name,
+            api_key=key,
+            base_url=url,
+            model=model,
+            # The default model is always allowed: a request without "model" must work.
+            allowed_models=tuple(dict.fromkeys((model, *allowed))),
+            options={option: value for option in spec.options if (value := get(option)) is not None},
+        )
+    return sections
+
+
+def _backend_model(spec, variable: str, raw: str) -> str:
+    if not spec.model_pattern.fullmatch(raw) or ".." in raw.split("/"):
+        raise _invalid(variable, raw, f"a {spec.name} model name such as '{spec.model_example}'")
+    return raw
+
+
+def _enabled_backends(get: Callable[[str], str | None], sections: Mapping[str, BackendSettings]) -> tuple[str, ...]:
+    """BACKENDS when set; otherwise every backend with credentials, in the registry's order,
+    or the local model when none has and its libraries are installed."""
+    from imagegen.backends.registry import BACKENDS, local_model_installed
+
+    raw = get("BACKENDS")
+    if raw is not None:
+        names = tuple(dict.fromkeys(item.strip().lower() for item in raw.split(",") if item.strip()))
+        unknown = [name for name in names if name not in BACKENDS]
+        if unknown or not names:
+            raise _invalid("BACKENDS", raw, "a comma-separated list of " + ", ".join(BACKENDS))
+        return names
+    configured = tuple(
+        name
+        for name, spec in BACKENDS.items()
+        if sections[name].api_key or (spec.enabled_by and get(spec.enabled_by))
+    )
+    if configured:
+        return configured
+    fallbacks = tuple(name for name, spec in BACKENDS.items() if spec.fallback)
+    return fallbacks if local_model_installed() else ()
 
 
 def _invalid(name: str, value: str, expected: str) -> ConfigurationError:
@@ -325,3 +397,9 @@ def _origins(raw: str) -> tuple[str, ...]:
                 "CORS_ALLOWED_ORIGINS", raw, "'*' or origins such as 'https://app.example.com'"
             )
     return origins or ("*",)
+
+
+def base_url_is_loopback(url: str) -> bool:
+    """Whether a backend's URL is this machine: a stand-in (tests, demos), never a real API."""
+    host = urlsplit(url).hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"

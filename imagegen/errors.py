@@ -88,6 +88,7 @@ class UpstreamError(ImageGenError):
         headers = {"Retry-After": str(max(1, retry_after))} if retry_after is not None else None
         super().__init__(message, code=code, headers=headers)
         self.upstream_status = upstream_status
+        self.reported_status: str | None = None  # "HF status 503": how the vendor's status is named
         self.request_id = request_id
         self.retry_after = retry_after
         self.retryable = retryable
@@ -116,6 +117,13 @@ class BackendBusy(UpstreamError):
 
     status = 503
     code = "backend_busy"
+
+
+class ServerBusy(ImageGenError):
+    """This instance could not take the image in (its memory slots stayed full); not upstream's fault."""
+
+    status = 503
+    code = "server_busy"
 
 
 class Cancelled(ImageGenError):

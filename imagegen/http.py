@@ -1,9 +1,10 @@
-"""The HTTP handler: authenticate -> parse -> validate -> call upstream -> store -> respond.
+"""The HTTP adapter: route -> authenticate -> parse -> the generation service -> respond.
 
-Each step is a function that raises an `ImageGenError` where it knows something is wrong;
-`Handler.__call__` turns any of them into the JSON answer in one place, and anything unexpected
-into a generic 500 that shows no internals. Every answer carries an X-Request-Id and, for the
-API, a Server-Timing header; every request writes one structured log line.
+Everything a generation does lives in imagegen.service; this module speaks HTTP. Each step
+raises an `ImageGenError` where it knows something is wrong; `Handler.__call__` turns any of
+them into the JSON answer in one place, and anything unexpected into a generic 500 that shows
+no internals. Every answer carries an X-Request-Id and, for the API, a Server-Timing header;
+every request writes one structured log line.
 """
 
 from __future__ import annotations
@@ -12,11 +13,8 @@ import dataclasses
 import json
 import logging
 import re
-import secrets
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,98 +24,54 @@ import pybase64
 from imagegen.auth import Authenticator, client_ip, make_authenticator
 from imagegen.config import MAX_BODY_BYTES, Settings, load_settings
 from imagegen.cors import cors_headers, preflight_headers
-from imagegen.errors import (
-    ConfigurationError,
-    ImageGenError,
-    MethodNotAllowed,
-    PayloadTooLarge,
-    StorageError,
-    UpstreamTimeout,
-)
-from imagegen.hf_client import Attempt, RouterClient, new_session
-from imagegen.logs import get_logger, http_request_fields, prompt_fingerprint, trace_fields
+from imagegen.backends.exchange import new_session
+from imagegen.backends.registry import create_backends
+from imagegen.dispatch import Dispatcher
+from imagegen.errors import ConfigurationError, ImageGenError, MethodNotAllowed, PayloadTooLarge
+from imagegen.logs import get_logger, http_request_fields, trace_fields
 from imagegen.page import Page, render_page
-from imagegen.png_info import PngParts, embed_parameters, png_text
 from imagegen.ratelimit import RateLimiter
+from imagegen.record import RequestRecord
+from imagegen.retry import Timing
+from imagegen.service import GenerationService, Produced
 from imagegen.slots import ImageSlots
-from imagegen.cache import SingleFlight, cached_image_name
-from imagegen.storage import ImageMetadata, ImageStore, image_name, make_store
-from imagegen.validation import GenerationRequest, check_content_type, parse_generation_request
+from imagegen.storage import ImageStore, make_store
+from imagegen.validation import check_content_type, parse_generation_request
 
-# Seeds the server picks stay below 2**31: some providers take only signed 32-bit seeds.
-MAX_CHOSEN_SEED = 2**31 - 1
 # Cloud Run caps request bodies at 32 MiB; draining more than that is never needed.
 MAX_DRAIN_BYTES = 32 * 1024 * 1024
 COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.yaml"
-# Followers of an identical request in flight wait for it at most this much past its deadline.
-SINGLE_FLIGHT_GRACE_SECONDS = 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Produced:
-    """An image ready to answer with: the PNG, what made it, and where it is stored."""
-
-    png: PngParts
-    model: str
-    provider: str
-    file_path: str | None
-    warning: str | None
-
-
-@dataclasses.dataclass
-class RequestRecord:
-    """What one request did: its log line's fields and the phases for Server-Timing."""
-
-    request_id: str
-    clock: Callable[[], float]
-    started: float
-    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
-    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> ms
-    attempts: list[Attempt] = dataclasses.field(default_factory=list)
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started = self.clock()
-        try:
-            yield
-        finally:
-            self.phases[name] = round((self.clock() - started) * 1000, 1)
-
-    def total_ms(self) -> float:
-        return round((self.clock() - self.started) * 1000, 1)
-
-    def server_timing(self) -> str:
-        parts = [f"{name};dur={ms}" for name, ms in self.phases.items()]
-        return ", ".join([*parts, f"total;dur={self.total_ms()}"])
-
-
 class Handler:
     def __init__(
         self,
         settings: Settings | ConfigurationError,
-        client: RouterClient | None = None,
+        dispatcher: Dispatcher | None = None,
         store: ImageStore | None = None,
         authenticator: Authenticator | None = None,
         limiter: RateLimiter | None = None,
         slots: ImageSlots | None = None,
         logger: logging.Logger | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        choose_seed: Callable[[], int] = lambda: secrets.randbelow(MAX_CHOSEN_SEED + 1),
+        timing: Timing | None = None,
     ) -> None:
         self._settings = settings
         self._logger = logger or get_logger()
-        self._clock = clock
-        self._choose_seed = choose_seed
-        self._slots = slots or ImageSlots()
-        self._flights: SingleFlight[Produced] = SingleFlight()
+        timing = timing or Timing()
+        self._clock = timing.clock
         self._page: Page | None = None
         if isinstance(settings, Settings):
-            self._client = client or RouterClient(settings)
-            self._store = store or make_store(settings)
+            if dispatcher is None:
+                dispatcher = Dispatcher(create_backends(settings, new_session()), settings.max_retries)
+            self._service = GenerationService(
+                settings,
+                dispatcher,
+                store or make_store(settings),
+                limiter or RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst, timing.clock),
+                slots,
+                timing,
+            )
             self._authenticator = authenticator or make_authenticator(settings, new_session(pool_size=4))
-            self._limiter = limiter or RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst, clock)
             if settings.serve_page:
                 self._page = render_page(settings)
 
@@ -207,62 +161,8 @@ class Handler:
         with record.phase("validate"):
             check_content_type(request.headers.get("Content-Type"))
             generation = parse_generation_request(_read_body(request), settings)
-        cache_name = cached_image_name(generation) if settings.cache and generation.seed is not None else None
-        if cache_name is not None:
-            with record.phase("cache"):
-                hit = self._store.load(cache_name)
-            if hit is not None:
-                png, file_path = hit
-                provider = png_text(png, "provider") or generation.provider
-                record.fields.update(
-                    model=generation.model, provider=provider, seed=generation.seed, cached=True, **prompt_fingerprint(generation.prompt)
-                )
-                produced = Produced(PngParts.of(png), generation.model, provider, file_path, None)
-                return _success_response(produced, generation.seed, cached=True)
-        # Counted only for requests that would reach Hugging Face: the limit guards the credits.
-        self._limiter.take(caller.key)
-        if generation.seed is None:
-            # Always send a seed, so that every answer's seed reproduces its image.
-            generation = dataclasses.replace(generation, seed=self._choose_seed())
-        record.fields.update(model=generation.model, seed=generation.seed, **prompt_fingerprint(generation.prompt))
-        if settings.log_prompts:
-            record.fields.update(prompt=generation.prompt, negativePrompt=generation.negative_prompt)
-        if cache_name is not None:
-            try:
-                produced, shared = self._flights.do(
-                    cache_name,
-                    lambda: self._produce(generation, record, cache_name),
-                    timeout=settings.hf_deadline_seconds + SINGLE_FLIGHT_GRACE_SECONDS,
-                )
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    "An identical request is still being generated and did not finish in time. Try again in a minute."
-                ) from None
-        else:
-            produced, shared = self._produce(generation, record, image_name(generation.prompt)), False
-        record.fields.update(provider=produced.provider, cached=shared)
-        if produced.warning:
-            record.fields["warning"] = produced.warning
-        return _success_response(produced, generation.seed, cached=shared)
-
-    def _produce(self, generation: GenerationRequest, record: RequestRecord, name: str) -> Produced:
-        """Generate, embed the parameters, store: the image and where it went."""
-        slot = self._slots.claim()
-        try:
-            with record.phase("upstream"):
-                image = self._client.generate(generation, record.attempts, slot)
-            with record.phase("storage"):
-                png = embed_parameters(image.png, generation, image.provider)
-                metadata = ImageMetadata(model=image.model, prompt=generation.prompt, seed=generation.seed)
-                try:
-                    file_path, warning = self._store.save(png, name, metadata), None
-                except StorageError as error:
-                    file_path = None
-                    warning = f"The image was generated but could not be stored: {error}. It is only in this answer."
-        finally:
-            # Sending is left out on purpose: a slow client must not hold up other requests.
-            slot.release()
-        return Produced(png, image.model, image.provider, file_path, warning)
+        produced = self._service.generate(generation, caller.key, record)
+        return _success_response(produced)
 
     def _log(self, request: flask.Request, response: flask.Response, record: RequestRecord, settings: Settings | None) -> None:
         status = response.status_code
@@ -328,21 +228,13 @@ def _read_body(request: flask.Request) -> bytes:
 BASE64_PIECE = 3 * 16 * 1024
 
 
-def success_body(produced: Produced, seed: int | None, cached: bool) -> tuple[Iterator[bytes], int]:
+def success_body(produced: Produced) -> tuple[Iterator[bytes], int]:
     """The success JSON as pieces and its length, the image's base64 made piece by piece.
 
     The image is megabytes: as one string its base64 and then the joined answer would each be
     another copy per request in flight. Base64 needs no JSON escaping, so it is spliced in.
     """
-    fields: dict[str, Any] = {
-        "filePath": produced.file_path,
-        "model": produced.model,
-        "provider": produced.provider,
-        "seed": seed,
-        "cached": cached,
-    }
-    if produced.warning:
-        fields["warning"] = produced.warning
+    fields = produced.answer_fields()
     head = b'{"success": true, "imageUrl": "data:image/png;base64,'
     tail = b'", ' + json.dumps(fields, ensure_ascii=False)[1:].encode()  # '"filePath": ..., ...}'
     png = produced.png
@@ -362,8 +254,8 @@ def success_body(produced: Produced, seed: int | None, cached: bool) -> tuple[It
     return pieces(), length
 
 
-def _success_response(produced: Produced, seed: int | None, cached: bool) -> flask.Response:
-    body, length = success_body(produced, seed, cached)
+def _success_response(produced: Produced) -> flask.Response:
+    body, length = success_body(produced)
     return _response(200, body, {"Content-Type": "application/json", "Content-Length": str(length)})
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from imagegen.images import PNG_SIGNATURE
-from imagegen.validation import GenerationRequest
+from imagegen.domain import GeneratedImage, GenerationRequest
 
 _IHDR_END = len(PNG_SIGNATURE) + 4 + 4 + 13 + 4  # signature, length, type, 13 data bytes, CRC
 
@@ -62,29 +62,36 @@ def png_size(png: bytes) -> tuple[int, int]:
     return width, height
 
 
-def a1111_parameters(generation: GenerationRequest, provider: str, size: tuple[int, int]) -> str:
+def a1111_parameters(generation: GenerationRequest, image: GeneratedImage, size: tuple[int, int]) -> str:
     """'prompt\\nNegative prompt: ...\\nSteps: 30, CFG scale: 7, Seed: 42, Size: 1024x1024, Model: ...'"""
     lines = [generation.prompt]
-    if generation.negative_prompt:
+    if generation.negative_prompt and "negativePrompt" not in image.ignored:
         lines.append(f"Negative prompt: {generation.negative_prompt}")
     fields: list[tuple[str, object]] = []
-    if generation.steps is not None:
+    if generation.steps is not None and "steps" not in image.ignored:
         fields.append(("Steps", generation.steps))
-    if generation.guidance_scale is not None:
+    if generation.guidance_scale is not None and "guidanceScale" not in image.ignored:
         fields.append(("CFG scale", f"{generation.guidance_scale:g}"))
-    if generation.seed is not None:
-        fields.append(("Seed", generation.seed))
-    fields += [("Size", f"{size[0]}x{size[1]}"), ("Model", generation.model), ("Provider", provider)]
+    if image.seed is not None:
+        fields.append(("Seed", image.seed))
+    fields += [("Size", f"{size[0]}x{size[1]}"), ("Model", image.route.model), ("Backend", image.route.backend)]
+    if image.route.provider:
+        fields.append(("Provider", image.route.provider))
     lines.append(", ".join(f"{key}: {value}" for key, value in fields))
     return "\n".join(lines)
 
 
-def embed_parameters(png: bytes, generation: GenerationRequest, provider: str) -> PngParts:
+def embed_parameters(image: GeneratedImage, generation: GenerationRequest) -> PngParts:
+    """The PNG with its recipe in text chunks: A1111's "parameters", and "backend", "model" and
+    "provider", which a cached answer reads back to say what made it."""
+    png = image.png
     if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
         raise ValueError("not a PNG that starts with IHDR")
     text = {
-        "parameters": a1111_parameters(generation, provider, png_size(png)),
-        "provider": provider,
+        "parameters": a1111_parameters(generation, image, png_size(png)),
+        "backend": image.route.backend,
+        "model": image.route.model,
+        **({"provider": image.route.provider} if image.route.provider else {}),
         "Software": "imagegen",
     }
     chunks = b"".join(_text_chunk(keyword, value) for keyword, value in text.items())

@@ -9,10 +9,10 @@ import difflib
 import json
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from imagegen.config import Settings
+from imagegen.domain import GenerationRequest
 from imagegen.errors import InvalidRequest, UnsupportedMediaType
 
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 2048, 8
@@ -20,20 +20,18 @@ MIN_STEPS, MAX_STEPS = 1, 100
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
 MAX_SEED = 4_294_967_295
 
-KNOWN_FIELDS = ("prompt", "negativePrompt", "width", "height", "steps", "guidanceScale", "seed", "model", "provider")
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    model: str
-    provider: str = "hf-inference"
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
+KNOWN_FIELDS = (
+    "prompt",
+    "negativePrompt",
+    "width",
+    "height",
+    "steps",
+    "guidanceScale",
+    "seed",
+    "backend",
+    "model",
+    "provider",
+)
 
 
 def check_content_type(content_type: str | None) -> None:
@@ -67,19 +65,12 @@ def parse_generation_request(body: bytes, settings: Settings) -> GenerationReque
     if not prompt:
         raise InvalidRequest('The field "prompt" must not be empty.', code="invalid_field", field="prompt")
 
+    backend, model, provider = _route_fields(data, settings)
     return GenerationRequest(
         prompt=prompt,
-        model=_allowed_choice(
-            data, "model", settings.hf_model, settings.hf_allowed_models, "HF_ALLOWED_MODELS", code="model_not_allowed"
-        ),
-        provider=_allowed_choice(
-            data,
-            "provider",
-            settings.hf_provider,
-            settings.hf_allowed_providers,
-            "HF_ALLOWED_PROVIDERS",
-            code="provider_not_allowed",
-        ),
+        backend=backend,
+        model=model,
+        provider=provider,
         negative_prompt=_text(data, "negativePrompt", settings.max_prompt_chars) or None,
         width=_side(data, "width"),
         height=_side(data, "height"),
@@ -175,13 +166,52 @@ def _guidance(data: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def _allowed_choice(
-    data: dict[str, Any], name: str, default: str, allowed: tuple[str, ...], setting: str, code: str
-) -> str:
-    """A field that names one of the server's allowed values (a model, a provider)."""
+def _route_fields(data: dict[str, Any], settings: Settings) -> tuple[str | None, str | None, str | None]:
+    """The backend, model and provider the caller named (None where not), each allowed here.
+
+    A provider is a Hugging Face one, so it implies the huggingface backend. A model without a
+    backend must be allowed by at least one enabled backend; only those are then tried.
+    """
+    backend = _allowed_choice(data, "backend", settings.backends, "BACKENDS", code="backend_not_allowed")
+    provider = data.get("provider")
+    if provider is not None:
+        if backend not in (None, "huggingface") or "huggingface" not in settings.backends:
+            raise InvalidRequest(
+                '"provider" names a Hugging Face inference provider, and this request does not go to '
+                "the huggingface backend. Leave provider out, or use the huggingface backend.",
+                code="provider_not_allowed",
+                field="provider",
+            )
+        backend_for_model = "huggingface"
+        provider = _allowed_choice(
+            data, "provider", settings.hf_allowed_providers, "HF_ALLOWED_PROVIDERS", code="provider_not_allowed"
+        )
+    else:
+        backend_for_model = backend
+    if backend_for_model is not None:
+        section = settings.backend_settings[backend_for_model]
+        model = _allowed_choice(
+            data, "model", section.allowed_models, _allowed_models_variable(backend_for_model), code="model_not_allowed"
+        )
+    else:
+        allowed = tuple(
+            dict.fromkeys(m for name in settings.backends for m in settings.backend_settings[name].allowed_models)
+        )
+        model = _allowed_choice(data, "model", allowed, "<BACKEND>_ALLOWED_MODELS", code="model_not_allowed")
+    return backend, model, provider
+
+
+def _allowed_models_variable(backend: str) -> str:
+    from imagegen.backends.registry import BACKENDS
+
+    return BACKENDS[backend].allowed_models_variable
+
+
+def _allowed_choice(data: dict[str, Any], name: str, allowed: tuple[str, ...], setting: str, code: str) -> str | None:
+    """A field that names one of the server's allowed values (a backend, a model, a provider)."""
     value = data.get(name)
     if value is None:
-        return default
+        return None
     if not isinstance(value, str):
         raise _invalid(name, f"a {name} name string", value)
     if value not in allowed:

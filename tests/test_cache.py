@@ -14,7 +14,7 @@ import responses
 from imagegen.cache import SingleFlight, cache_key, cached_image_name
 from imagegen.config import load_settings
 from imagegen.http import Handler
-from imagegen.validation import GenerationRequest
+from imagegen.domain import GenerationRequest
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import Reply, make_png
 from tests.servers import wait_until
@@ -90,9 +90,18 @@ def test_cache_hits_do_not_use_up_the_rate_limit(make_app, mocked):
 
 
 def test_the_key_covers_the_provider_too():
-    base = GenerationRequest(prompt="p", model="a/b", seed=1)
-    assert cache_key(base) != cache_key(GenerationRequest(prompt="p", model="a/b", seed=1, provider="auto"))
-    assert cached_image_name(base).startswith("seeded/p-") and len(cache_key(base)) == 40
+    base = GenerationRequest(prompt="p", seed=1)
+    assert cache_key(base, "hf", "a/b") != cache_key(GenerationRequest(prompt="p", seed=1, provider="auto"), "hf", "a/b")
+    assert cached_image_name(base, "hf", "a/b").startswith("seeded/p-") and len(cache_key(base, "hf", "a/b")) == 40
+
+
+def test_the_key_covers_the_backend_its_endpoint_and_account():
+    base = GenerationRequest(prompt="p", seed=1)
+    keys = {
+        cache_key(base, identity, "a/b")
+        for identity in ("huggingface https://router.huggingface.co acct1", "huggingface http://127.0.0.1:9 acct1", "huggingface https://router.huggingface.co acct2", "openai https://api.openai.com/v1 acct1")
+    }
+    assert len(keys) == 4
 
 
 # --- single-flight -------------------------------------------------------------------------
@@ -167,8 +176,9 @@ def test_identical_requests_in_flight_make_one_upstream_call(make_settings, rout
     wait_until(lambda: len(router.posts()) == 1, 10, "the first request to reach the router")
     for thread in threads[1:]:
         thread.start()
-    key = cached_image_name(GenerationRequest(prompt="a red fox", model=MODEL, width=256, height=256, seed=42))
-    wait_until(lambda: handler._flights.waiters(key) == 4, 10, "the identical requests to wait")
+    backend = handler._service._dispatcher.backends["huggingface"]
+    key = cached_image_name(GenerationRequest(prompt="a red fox", width=256, height=256, seed=42), backend.identity(), MODEL)
+    wait_until(lambda: handler._service._flights.waiters(key) == 4, 10, "the identical requests to wait")
     held.set()
     for thread in threads:
         thread.join(20)
@@ -202,10 +212,11 @@ def test_two_instances_share_the_cache_through_the_bucket(run_function, router, 
 
 def test_a_follower_that_waits_too_long_gets_a_504(make_settings, monkeypatch, mocked):
     import imagegen.http
+    import imagegen.service
 
-    monkeypatch.setattr(imagegen.http, "SINGLE_FLIGHT_GRACE_SECONDS", 0)
+    monkeypatch.setattr(imagegen.service, "SINGLE_FLIGHT_GRACE_SECONDS", 0)
     handler = Handler(make_settings(HF_DEADLINE_SECONDS="1", RATE_LIMIT_PER_MINUTE="0"))
-    monkeypatch.setattr(handler._flights, "do", lambda *a, **k: (_ for _ in ()).throw(TimeoutError()))
+    monkeypatch.setattr(handler._service._flights, "do", lambda *a, **k: (_ for _ in ()).throw(TimeoutError()))
     app = flask.Flask("t")
     app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])
     answer = app.test_client().post("/", json=SEEDED)

@@ -6,13 +6,14 @@ from imagegen.config import DEFAULT_MODEL, Settings, load_settings
 from imagegen.errors import ConfigurationError
 
 
-def test_defaults():
+def test_defaults(monkeypatch):
+    monkeypatch.setattr("imagegen.backends.registry.local_model_installed", lambda: False)
     settings = load_settings({})
-    assert settings == Settings()
+    assert settings.backends == ()
     assert settings.hf_router_url == "https://router.huggingface.co"
     assert settings.hf_allowed_models == (DEFAULT_MODEL,)
     assert settings.image_dir == Path("/tmp/imagegen") and settings.image_dir_max_files == 200
-    assert settings.hf_timeout_seconds == 120
+    assert settings.timeout_seconds == 120 and settings.deadline_seconds == 150
     assert settings.cors_allowed_origins == ("*",)
 
 
@@ -28,10 +29,28 @@ def test_token_is_not_in_the_settings_repr():
     assert "hf_secret" not in repr(load_settings({"HUGGING_FACE_API_KEY": "hf_secret"}))
 
 
-def test_missing_token_names_the_variable():
+def test_no_backend_configured_names_every_variable_to_set(monkeypatch):
+    monkeypatch.setattr("imagegen.backends.registry.local_model_installed", lambda: False)
     with pytest.raises(ConfigurationError) as caught:
-        load_settings({}).require_token()
-    assert "HUGGING_FACE_API_KEY" in caught.value.message and caught.value.code == "missing_api_key"
+        load_settings({}).require_backends()
+    message = caught.value.message
+    assert caught.value.code == "missing_api_key"
+    for variable in ("HUGGING_FACE_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY", "VERTEX_PROJECT", "STABILITY_API_KEY", "REPLICATE_API_TOKEN", "requirements-local.txt"):
+        assert variable in message
+
+
+def test_backends_default_to_those_with_credentials_in_registry_order():
+    settings = load_settings({"REPLICATE_API_TOKEN": "r8_x", "OPENAI_API_KEY": "sk-x", "HF_TOKEN": "hf_x"})
+    assert settings.backends == ("huggingface", "openai", "replicate")
+    assert load_settings({"BACKENDS": "replicate, openai"}).backends == ("replicate", "openai")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings({"BACKENDS": "openai,dall-e"})
+    assert "BACKENDS" in caught.value.message
+
+
+def test_generic_timing_names_win_over_the_hf_ones():
+    settings = load_settings({"HF_TIMEOUT_SECONDS": "5", "DEADLINE_SECONDS": "9", "HF_DEADLINE_SECONDS": "7", "MAX_RETRIES": "1"})
+    assert (settings.timeout_seconds, settings.deadline_seconds, settings.max_retries) == (5, 9, 1)
 
 
 def test_allowed_models_always_include_the_default_model():
@@ -51,7 +70,7 @@ def test_values_are_parsed():
         }
     )
     assert settings.hf_router_url == "http://127.0.0.1:9000"
-    assert settings.hf_timeout_seconds == 2.5
+    assert settings.timeout_seconds == 2.5
     assert settings.image_dir_max_files == 3
     assert settings.image_bucket == "my-bucket" and settings.image_prefix == "gen/"
     assert settings.cors_allowed_origins == ("https://a.example", "http://localhost:3000")

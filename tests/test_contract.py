@@ -13,7 +13,7 @@ from imagegen import validation
 from imagegen.config import DEFAULT_MAX_PROMPT_CHARS, KNOWN_PROVIDERS, load_settings
 from imagegen.cors import ALLOWED_HEADERS
 from imagegen.errors import InvalidRequest
-from imagegen.providers import PROVIDERS
+from imagegen.backends.huggingface.providers import PROVIDERS
 from tests.conftest import TEST_TOKEN
 from tests.contract import schema, spec, validate_body
 from tests.fake_router import make_png

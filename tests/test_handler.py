@@ -60,7 +60,7 @@ def test_parameters_are_embedded_where_png_info_readers_find_them(make_app, mock
         assert image.text["parameters"] == (
             "a red fox, 東京\n"
             "Negative prompt: blurry\n"
-            f"Steps: 30, CFG scale: 7.5, Seed: 42, Size: 256x320, Model: {MODEL}, Provider: hf-inference"
+            f"Steps: 30, CFG scale: 7.5, Seed: 42, Size: 256x320, Model: {MODEL}, Backend: huggingface, Provider: hf-inference"
         )
         assert image.text["provider"] == "hf-inference"
 
@@ -138,7 +138,7 @@ def test_missing_token_is_500_naming_the_variable(make_app, mocked):
 
 def test_invalid_setting_is_500_naming_the_variable(make_app):
     body = error_of(make_app(HF_TIMEOUT_SECONDS="soon").post("/", json={"prompt": "x"}), 500, "invalid_configuration")
-    assert "HF_TIMEOUT_SECONDS" in body["error"]
+    assert "TIMEOUT_SECONDS" in body["error"]
 
 
 @pytest.mark.parametrize(
@@ -311,12 +311,13 @@ def test_document_paths_are_get_only(make_app, mocked):
 def test_streamed_base64_equals_base64_of_the_whole(head_length, body_length):
     import os
 
+    from imagegen.domain import Route
     from imagegen.http import Produced, success_body
     from imagegen.png_info import PngParts
 
     head, body = os.urandom(head_length), os.urandom(body_length)
-    produced = Produced(PngParts(head, memoryview(body)), "m/x", "hf-inference", None, None)
-    pieces, length = success_body(produced, seed=1, cached=False)
+    produced = Produced(PngParts(head, memoryview(body)), Route("huggingface", "m/x", "hf-inference"), 1, None)
+    pieces, length = success_body(produced)
     answer = b"".join(pieces)
     assert len(answer) == length
     data_url = json.loads(answer)["imageUrl"]

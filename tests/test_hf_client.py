@@ -8,12 +8,14 @@ import threading
 
 import pytest
 import requests
+import urllib3
 import responses
 from PIL import Image
 
 from imagegen.errors import ConfigurationError, UpstreamError, UpstreamRateLimited, UpstreamTimeout
-from imagegen.hf_client import RouterClient
-from imagegen.validation import GenerationRequest
+from tests.clients import HuggingFaceClient
+from imagegen.domain import GenerationRequest
+from tests.servers import free_port
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import Reply, make_png
 from tests.fakes import FakeClock
@@ -30,7 +32,7 @@ def clock():
 
 @pytest.fixture
 def client(make_settings, clock):
-    return RouterClient(make_settings(HF_MAX_RETRIES="0"), timing=clock.timing())
+    return HuggingFaceClient(make_settings(HF_MAX_RETRIES="0"), timing=clock.timing())
 
 
 def generate_error(client, request=REQUEST) -> UpstreamError:
@@ -70,7 +72,7 @@ def test_sends_the_routers_wire_format(client):
             "seed": 42,
         },
     }
-    assert image.png == png and image.model == MODEL and image.provider == "hf-inference"
+    assert image.png == png and image.route.model == MODEL and image.route.provider == "hf-inference"
     assert image.request_id == "req-1"
 
 
@@ -84,7 +86,7 @@ def test_absent_parameters_are_left_out(client):
 @responses.activate
 def test_router_url_is_configurable(make_settings):
     responses.post(f"http://127.0.0.1:9/hf-inference/models/{MODEL}", body=make_png(), content_type="image/png")
-    RouterClient(make_settings(HF_ROUTER_URL="http://127.0.0.1:9/")).generate(REQUEST)
+    HuggingFaceClient(make_settings(HF_ROUTER_URL="http://127.0.0.1:9/")).generate(REQUEST)
     assert len(responses.calls) == 1
 
 
@@ -108,7 +110,7 @@ def test_jpeg_answer_becomes_png(client):
 def test_no_token_is_a_configuration_error_before_any_call(make_settings):
     with responses.RequestsMock() as mocked:  # would fail on any request
         with pytest.raises(ConfigurationError) as caught:
-            RouterClient(make_settings(HUGGING_FACE_API_KEY="")).generate(REQUEST)
+            HuggingFaceClient(make_settings(HUGGING_FACE_API_KEY="")).generate(REQUEST)
         assert len(mocked.calls) == 0
     assert "HUGGING_FACE_API_KEY" in caught.value.message
 
@@ -192,12 +194,21 @@ def test_a_200_that_is_not_an_image_is_a_bad_response(client, body, content_type
     assert described in error.message
 
 
-@responses.activate
-def test_connection_error(client):
-    responses.post(URL, body=requests.ConnectionError("refused"))
+def test_connection_refused_is_unreachable_and_names_the_host_and_setting(make_settings):
+    port = free_port()  # nothing listens there
+    client = HuggingFaceClient(make_settings(HF_ROUTER_URL=f"http://127.0.0.1:{port}", HF_MAX_RETRIES="0"))
     error = generate_error(client)
     assert (error.code, error.status) == ("upstream_unreachable", 502)
-    assert "router.huggingface.co" in error.message
+    assert "127.0.0.1" in error.message and "HF_ROUTER_URL" in error.message
+
+
+@responses.activate
+def test_a_connection_dropped_after_it_was_made_is_not_called_unreachable(client):
+    dropped = requests.ConnectionError(urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError()))
+    responses.post(URL, body=dropped)
+    error = generate_error(client)
+    assert (error.code, error.status) == ("upstream_bad_response", 502)
+    assert "Could not reach" not in error.message and "HF_ROUTER_URL" not in error.message
 
 
 @responses.activate
@@ -205,7 +216,7 @@ def test_timeout(client):
     responses.post(URL, body=requests.ReadTimeout("slow"))
     error = generate_error(client)
     assert isinstance(error, UpstreamTimeout) and error.status == 504
-    assert "HF_TIMEOUT_SECONDS" in error.message and "HF_DEADLINE_SECONDS" in error.message
+    assert "TIMEOUT_SECONDS" in error.message and "DEADLINE_SECONDS" in error.message
 
 
 @responses.activate
@@ -220,8 +231,8 @@ def test_the_token_is_scrubbed_from_echoed_errors(client):
 
 @pytest.fixture
 def live_client(make_settings, router):
-    def make(**env: str) -> RouterClient:
-        return RouterClient(make_settings(HF_ROUTER_URL=router.url, HF_MAX_RETRIES="0", **env))
+    def make(**env: str) -> HuggingFaceClient:
+        return HuggingFaceClient(make_settings(HF_ROUTER_URL=router.url, HF_MAX_RETRIES="0", **env))
 
     return make
 
@@ -233,7 +244,7 @@ def test_a_declared_body_arrives_whole(live_client, router, side):
 
 
 def test_a_body_bigger_than_one_read_is_joined_in_order(live_client, router, monkeypatch):
-    monkeypatch.setattr("imagegen.hf_client.DECLARED_READ_BYTES", 1000)
+    monkeypatch.setattr("imagegen.backends.exchange.READ_BYTES", 1000)
     out = io.BytesIO()
     Image.frombytes("RGB", (40, 40), random.Random(7).randbytes(40 * 40 * 3)).save(out, format="PNG")
     router.image = out.getvalue()
@@ -246,7 +257,7 @@ def test_a_connection_that_breaks_mid_image_is_a_clear_retryable_error(live_clie
     router.reply(Reply(cut_after=5000))
     error = generate_error(live_client())
     assert (error.code, error.status, error.retryable) == ("upstream_bad_response", 502, True)
-    assert "broke while the answer was arriving" in error.message
+    assert "broke before the whole answer arrived" in error.message
 
 
 def test_a_body_that_stalls_mid_image_times_out(live_client, router):

@@ -9,8 +9,8 @@ import responses
 from PIL import Image
 
 from imagegen.errors import UpstreamError
-from imagegen.hf_client import RouterClient
-from imagegen.validation import GenerationRequest
+from tests.clients import HuggingFaceClient
+from imagegen.domain import GenerationRequest
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import make_png
 from tests.fakes import FakeClock
@@ -39,9 +39,9 @@ def clock():
 
 @pytest.fixture
 def client_for(make_settings, clock):
-    def make(provider: str, **env: str) -> RouterClient:
+    def make(provider: str, **env: str) -> HuggingFaceClient:
         settings = make_settings(HF_MODEL=MODEL, HF_PROVIDER=provider, HF_MAX_RETRIES="0", **env)
-        return RouterClient(settings, timing=clock.timing())
+        return HuggingFaceClient(settings, timing=clock.timing())
 
     return make
 
@@ -80,7 +80,7 @@ def test_fal_ai(mocked, client_for):
         "output_format": "png",
     }
     assert "Authorization" not in download.request.headers  # the token never goes to a CDN
-    assert image.png == png and image.provider == "fal-ai"
+    assert image.png == png and image.route.provider == "fal-ai"
 
 
 def test_replicate_model_route_with_prefer_wait(mocked, client_for):
@@ -164,7 +164,7 @@ def test_wavespeed_polls_through_the_router(mocked, client_for, clock):
     polls = [c for c in mocked.calls if c.request.url == poll]
     assert len(polls) == 2 and all(c.request.headers["Authorization"] == f"Bearer {TEST_TOKEN}" for c in polls)
     assert clock.sleeps == [0.5, 0.5]
-    assert image.provider == "wavespeed"
+    assert image.route.provider == "wavespeed"
 
 
 def test_wavespeed_failed_task(mocked, client_for):

@@ -9,9 +9,9 @@ import requests
 import responses
 
 from imagegen.errors import UpstreamError
-from imagegen.hf_client import RouterClient
+from tests.clients import HuggingFaceClient
 from imagegen.retry import backoff_delay, server_delay_seconds
-from imagegen.validation import GenerationRequest
+from imagegen.domain import GenerationRequest
 from tests.fake_router import make_png
 from tests.fakes import FakeClock
 
@@ -30,8 +30,8 @@ def clock():
 
 @pytest.fixture
 def client_for(make_settings, clock):
-    def make(**env: str) -> RouterClient:
-        return RouterClient(make_settings(HF_MODEL=MODEL, **env), timing=clock.timing())
+    def make(**env: str) -> HuggingFaceClient:
+        return HuggingFaceClient(make_settings(HF_MODEL=MODEL, **env), timing=clock.timing())
 
     return make
 
@@ -170,7 +170,7 @@ def test_auto_fails_over_in_hub_order(mocked, client_for, clock, shape):
     second = f"{ROUTER}/together/v1/images/generations" if shape == "list" else f"{ROUTER}/nscale/v1/images/generations"
     mocked.post(second, json={"data": [{"b64_json": base64.b64encode(make_png()).decode()}]})
     image = client_for(HF_PROVIDER="auto").generate(AUTO)
-    assert image.provider == ("together" if shape == "list" else "nscale")
+    assert image.route.provider == ("together" if shape == "list" else "nscale")
     assert [c.request.url for c in mocked.calls][1:] == [HF_URL, second]
     assert clock.sleeps == []  # a 410 fails over at once
 
@@ -211,7 +211,7 @@ def test_unknown_model_on_the_hub(mocked, client_for):
 def test_auto_falls_back_to_hf_inference_when_the_hub_is_down(mocked, client_for):
     mocked.get(HUB_URL, body=requests.ConnectionError("hub down"))
     png_reply(mocked)
-    assert client_for(HF_PROVIDER="auto").generate(AUTO).provider == "hf-inference"
+    assert client_for(HF_PROVIDER="auto").generate(AUTO).route.provider == "hf-inference"
 
 
 def test_mapping_is_cached_for_its_ttl(mocked, client_for, clock):

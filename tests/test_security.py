@@ -18,9 +18,9 @@ from google.auth import crypt, jwt
 from imagegen.auth import FIREBASE_CERTS_URL, GOOGLE_CERTS_URL, client_ip
 from imagegen.config import load_settings
 from imagegen.errors import ConfigurationError
-from imagegen.providers import PROVIDERS
+from imagegen.backends.huggingface.providers import PROVIDERS
 from imagegen.ratelimit import RateLimited, RateLimiter
-from imagegen.validation import GenerationRequest
+from imagegen.domain import GenerationRequest
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import make_png
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from imagegen.providers.base import (
+from imagegen.backends.huggingface.providers.base import (
     Answer,
     BadAnswer,
     ImageUrl,
@@ -19,7 +19,7 @@ from imagegen.providers.base import (
     hf_style_parameters,
     json_object,
 )
-from imagegen.validation import GenerationRequest
+from imagegen.domain import GenerationRequest
 
 
 class Replicate:

@@ -6,8 +6,8 @@ the answer is {"data": [{"b64_json": ...}]}.
 
 from __future__ import annotations
 
-from imagegen.providers.base import Answer, UpstreamCall, first_b64_image, hf_style_parameters, json_object
-from imagegen.validation import GenerationRequest
+from imagegen.backends.huggingface.providers.base import Answer, UpstreamCall, first_b64_image, hf_style_parameters, json_object
+from imagegen.domain import GenerationRequest
 
 # Together's names for Hugging Face's parameters.
 RENAMED = {"num_inference_steps": "steps", "guidance_scale": "guidance"}

@@ -6,8 +6,8 @@ Nscale takes no step count. The answer is {"data": [{"b64_json": ...}]}.
 
 from __future__ import annotations
 
-from imagegen.providers.base import Answer, UpstreamCall, first_b64_image, hf_style_parameters, json_object
-from imagegen.validation import GenerationRequest
+from imagegen.backends.huggingface.providers.base import Answer, UpstreamCall, first_b64_image, hf_style_parameters, json_object
+from imagegen.domain import GenerationRequest
 
 
 class Nscale:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from imagegen.providers.base import (
+from imagegen.backends.huggingface.providers.base import (
     Answer,
     BadAnswer,
     ImageUrl,
@@ -19,7 +19,7 @@ from imagegen.providers.base import (
     hf_style_parameters,
     json_object,
 )
-from imagegen.validation import GenerationRequest
+from imagegen.domain import GenerationRequest
 
 RUNNING_STATUSES = ("created", "processing", "pending", "queued")
 

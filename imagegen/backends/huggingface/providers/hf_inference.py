@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from imagegen.providers.base import Answer, ImageBytes, UpstreamCall, first_b64_image, hf_style_parameters, json_object
-from imagegen.validation import GenerationRequest
+from imagegen.backends.huggingface.providers.base import Answer, ImageBytes, UpstreamCall, first_b64_image, hf_style_parameters, json_object
+from imagegen.domain import GenerationRequest
 
 
 class HFInference:

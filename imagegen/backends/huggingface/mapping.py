@@ -9,26 +9,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import requests
 
 from imagegen.config import Settings
+from imagegen.domain import Route
 from imagegen.errors import UpstreamError
-from imagegen.providers import PROVIDERS
+from imagegen.backends.huggingface.providers import PROVIDERS
 
 LOOKUP_TIMEOUT_SECONDS = 10.0
 TASK = "text-to-image"
-
-
-@dataclass(frozen=True)
-class Route:
-    """One place to send a generation: a provider and the model's id there."""
-
-    provider: str
-    provider_model: str
 
 
 class HubUnavailable(Exception):
@@ -36,22 +28,21 @@ class HubUnavailable(Exception):
 
 
 class ProviderMapping:
-    def __init__(self, settings: Settings, session: requests.Session, clock: Callable[[], float]) -> None:
+    def __init__(self, settings: Settings, session: requests.Session) -> None:
         self._settings = settings
         self._session = session
-        self._clock = clock
-        self._cache: dict[str, tuple[float, tuple[Route, ...]]] = {}
+        self._cache: dict[str, tuple[float, tuple[tuple[str, str], ...]]] = {}
         self._lock = threading.Lock()
 
-    def routes(self, model: str, provider: str, token: str) -> list[Route]:
+    def routes(self, model: str, provider: str, token: str, clock: Callable[[], float]) -> list[Route]:
         """Where to try, in order. hf-inference needs no lookup: its id is the model id."""
         if provider == "hf-inference":
-            return [Route("hf-inference", model)]
+            return [_route("hf-inference", model, model)]
         try:
-            served = self._served_by(model, token)
+            served = self._served_by(model, token, clock())
         except HubUnavailable:
             if provider == "auto":
-                return [Route("hf-inference", model)]
+                return [_route("hf-inference", model, model)]
             raise UpstreamError(
                 f"Could not ask the Hugging Face Hub which id {provider} uses for model {model}. "
                 "Try again in a minute",
@@ -60,14 +51,14 @@ class ProviderMapping:
         if provider == "auto":
             if not served:
                 raise _not_served(model, "any supported provider")
-            return list(served)
-        chosen = [route for route in served if route.provider == provider]
+            return [_route(name, model, provider_model) for name, provider_model in served]
+        chosen = [_route(name, model, provider_model) for name, provider_model in served if name == provider]
         if not chosen:
             raise _not_served(model, f"the {provider} provider", served)
         return chosen
 
-    def _served_by(self, model: str, token: str) -> tuple[Route, ...]:
-        now = self._clock()
+    def _served_by(self, model: str, token: str, now: float) -> tuple[tuple[str, str], ...]:
+        """(provider, the model's id there) for each live provider, in the Hub's order."""
         with self._lock:
             cached = self._cache.get(model)
         if cached and cached[0] > now:
@@ -77,7 +68,7 @@ class ProviderMapping:
             self._cache[model] = (now + self._settings.hf_mapping_ttl_seconds, routes)
         return routes
 
-    def _look_up(self, model: str, token: str) -> tuple[Route, ...]:
+    def _look_up(self, model: str, token: str) -> tuple[tuple[str, str], ...]:
         url = f"{self._settings.hf_hub_url}/api/models/{quote(model, safe='/')}"
         try:
             response = self._session.get(
@@ -110,7 +101,7 @@ class ProviderMapping:
             raise HubUnavailable() from None
 
 
-def _live_routes(mapping: Any) -> list[Route]:
+def _live_routes(mapping: Any) -> list[tuple[str, str]]:
     """Live text-to-image mappings we can call, in the Hub's order.
 
     The Hub has answered both {"provider": {...}} and [{"provider": ..., ...}]; take either.
@@ -131,12 +122,16 @@ def _live_routes(mapping: Any) -> list[Route]:
             and isinstance(provider_id, str)
             and provider_id
         ):
-            routes.append(Route(provider, provider_id))
+            routes.append((provider, provider_id))
     return routes
 
 
-def _not_served(model: str, where: str, served: tuple[Route, ...] = ()) -> UpstreamError:
-    others = ", ".join(route.provider for route in served)
+def _route(provider: str, model: str, provider_model: str) -> Route:
+    return Route("huggingface", model, provider, provider_model)
+
+
+def _not_served(model: str, where: str, served: tuple[tuple[str, str], ...] = ()) -> UpstreamError:
+    others = ", ".join(provider for provider, _ in served)
     hint = f" It is served by: {others}; set HF_PROVIDER (or the request's provider) to one of them, or to auto." if others else " Choose another model."
     return UpstreamError(
         f"The model {model} is not served for text-to-image by {where}, according to the "

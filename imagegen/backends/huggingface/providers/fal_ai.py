@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from imagegen.providers.base import Answer, BadAnswer, ImageUrl, UpstreamCall, hf_style_parameters, json_object
-from imagegen.validation import GenerationRequest
+from imagegen.backends.huggingface.providers.base import Answer, BadAnswer, ImageUrl, UpstreamCall, hf_style_parameters, json_object
+from imagegen.domain import GenerationRequest
 
 
 class FalAI:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from imagegen.images import describe_non_image
-from imagegen.validation import GenerationRequest
+from imagegen.domain import GenerationRequest
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,13 @@ tested without a network. Adding a provider is one module and one entry in `PROV
 
 from __future__ import annotations
 
-from imagegen.providers.base import Provider
-from imagegen.providers.fal_ai import FalAI
-from imagegen.providers.hf_inference import HFInference
-from imagegen.providers.nscale import Nscale
-from imagegen.providers.replicate import Replicate
-from imagegen.providers.together import Together
-from imagegen.providers.wavespeed import WaveSpeed
+from imagegen.backends.huggingface.providers.base import Provider
+from imagegen.backends.huggingface.providers.fal_ai import FalAI
+from imagegen.backends.huggingface.providers.hf_inference import HFInference
+from imagegen.backends.huggingface.providers.nscale import Nscale
+from imagegen.backends.huggingface.providers.replicate import Replicate
+from imagegen.backends.huggingface.providers.together import Together
+from imagegen.backends.huggingface.providers.wavespeed import WaveSpeed
 
 PROVIDERS: dict[str, Provider] = {
     provider.name: provider for provider in (HFInference(), FalAI(), Replicate(), Together(), Nscale(), WaveSpeed())

@@ -1,0 +1,1 @@
+"""Hugging Face's inference router and the providers behind it (backend `huggingface`)."""

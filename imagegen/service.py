@@ -1,0 +1,225 @@
+"""Making one image, whatever asked for it: cache → limits → seed → single-flight → dispatch →
+embed → store.
+
+The HTTP adapter (imagegen.http) authenticates and parses; everything a generation does after
+that is here, free of Flask, so a streamed answer and a plain one run the same code and report
+the same progress. A paid-for image is never lost: if storing fails it is still returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from imagegen.backends.base import GenerationContext
+from imagegen.cache import SingleFlight, cached_image_name
+from imagegen.config import Settings
+from imagegen.dispatch import Candidate, Dispatcher
+from imagegen.domain import GeneratedImage, GenerationRequest, Route
+from imagegen.errors import StorageError, UpstreamTimeout
+from imagegen.events import ProgressSink, ignore_progress
+from imagegen.logs import prompt_fingerprint
+from imagegen.png_info import PngParts, embed_parameters, png_size, png_text
+from imagegen.ratelimit import RateLimiter
+from imagegen.record import RequestRecord
+from imagegen.retry import Timing
+from imagegen.slots import ImageSlots
+from imagegen.storage import ImageMetadata, ImageStore, image_name
+
+# Seeds the server picks stay below 2**31: some providers take only signed 32-bit seeds.
+MAX_CHOSEN_SEED = 2**31 - 1
+# Followers of an identical request in flight wait for it at most this much past its deadline.
+SINGLE_FLIGHT_GRACE_SECONDS = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Produced:
+    """An image ready to answer with: the PNG, what made it, and where it is stored."""
+
+    png: PngParts
+    route: Route
+    seed: int | None  # None: the backend cannot reproduce it from a seed
+    file_path: str | None
+    cached: bool = False
+    ignored: tuple[str, ...] = ()
+    warning: str | None = None
+
+    @property
+    def size(self) -> tuple[int | None, int | None]:
+        """The image's width and height, read from the PNG that is returned."""
+        start = bytes(self.png.head[:24]) + bytes(self.png.body[: max(0, 24 - len(self.png.head))])
+        return png_size(start) if len(start) == 24 and start[12:16] == b"IHDR" else (None, None)
+
+    def answer_fields(self) -> dict[str, Any]:
+        """The answer's fields besides the image, in the order the API documents them."""
+        width, height = self.size
+        fields: dict[str, Any] = {
+            "filePath": self.file_path,
+            "backend": self.route.backend,
+            "model": self.route.model,
+            "provider": self.route.provider,
+            "seed": self.seed,
+            "width": width,
+            "height": height,
+            "cached": self.cached,
+            "ignored": list(self.ignored),
+        }
+        if self.warning:
+            fields["warning"] = self.warning
+        return fields
+
+
+class GenerationService:
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        store: ImageStore,
+        limiter: RateLimiter,
+        slots: ImageSlots | None = None,
+        timing: Timing | None = None,
+        choose_seed: Callable[[], int] = lambda: secrets.randbelow(MAX_CHOSEN_SEED + 1),
+    ) -> None:
+        self._settings = settings
+        self._dispatcher = dispatcher
+        self._store = store
+        self._limiter = limiter
+        self._slots = slots or ImageSlots()
+        self._timing = timing or Timing()
+        self._choose_seed = choose_seed
+        self._flights: SingleFlight[Produced] = SingleFlight()
+
+    def generate(
+        self,
+        generation: GenerationRequest,
+        caller: str,
+        record: RequestRecord,
+        progress: ProgressSink = ignore_progress,
+        cancelled: threading.Event | None = None,
+    ) -> Produced:
+        self._settings.require_backends()
+        record.fields.update(prompt_fingerprint(generation.prompt))
+        if self._settings.log_prompts:
+            record.fields.update(prompt=generation.prompt, negativePrompt=generation.negative_prompt)
+        candidates = self._dispatcher.candidates(generation)
+        # Only a seed the caller chose makes a request a recipe worth caching.
+        cache_names = self._cache_names(generation, candidates) if generation.seed is not None else []
+        if cache_names:
+            with record.phase("cache"):
+                hit = self._cached(cache_names, generation.seed)
+            if hit is not None:
+                record.fields.update(_log_fields(hit))
+                return hit
+        # Counted only for requests that would reach a backend: the limit guards the spending.
+        self._limiter.take(caller)
+        caller_seed = generation.seed
+        if generation.seed is None:
+            # Always send a seed, so that every answer's seed reproduces its image where it can.
+            generation = dataclasses.replace(generation, seed=self._choose_seed())
+        record.fields["seed"] = generation.seed
+        context = GenerationContext(
+            deadline=self._timing.clock() + self._settings.deadline_seconds,
+            timing=self._timing,
+            progress=progress,
+            cancelled=cancelled or threading.Event(),
+        )
+        if not cache_names:
+            produced = self._produce(generation, caller_seed, context, record)
+        else:
+            try:
+                produced, shared = self._flights.do(
+                    cache_names[0][1],
+                    lambda: self._produce(generation, caller_seed, context, record),
+                    timeout=self._settings.deadline_seconds + SINGLE_FLIGHT_GRACE_SECONDS,
+                )
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    "An identical request is still being generated and did not finish in time. Try again in a minute."
+                ) from None
+            if shared:
+                produced = dataclasses.replace(produced, cached=True)
+        record.fields.update(_log_fields(produced))
+        return produced
+
+    def _cache_names(self, generation: GenerationRequest, candidates: list[Candidate]) -> list[tuple[str, str]]:
+        """(backend, stored name) for each candidate whose seeds reproduce, in order."""
+        if not self._settings.cache:
+            return []
+        return [
+            (c.backend.name, cached_image_name(generation, c.backend.identity(), c.model))
+            for c in candidates
+            if c.backend.capabilities(c.model).seed
+        ]
+
+    def _cached(self, cache_names: list[tuple[str, str]], seed: int | None) -> Produced | None:
+        for backend, name in cache_names:
+            hit = self._store.load(name)
+            if hit is None:
+                continue
+            png, file_path = hit
+            route = Route(
+                backend=png_text(png, "backend") or backend,
+                model=png_text(png, "model") or "",
+                provider=png_text(png, "provider"),
+            )
+            return Produced(PngParts.of(png), route, seed, file_path, cached=True)
+        return None
+
+    def _produce(
+        self,
+        generation: GenerationRequest,
+        caller_seed: int | None,
+        context: GenerationContext,
+        record: RequestRecord,
+    ) -> Produced:
+        """Generate, embed the parameters, store: the image and where it went."""
+        context.slot = self._slots.claim()
+        try:
+            with record.phase("upstream"):
+                image = self._dispatcher.generate(generation, context, record.attempts)
+            with record.phase("storage"):
+                png = embed_parameters(image, generation)
+                name = self._name_for(generation, image, caller_seed)
+                metadata = ImageMetadata(model=image.route.model, prompt=generation.prompt, seed=image.seed)
+                warnings = []
+                try:
+                    file_path = self._store.save(png, name, metadata)
+                    context.progress("stored", filePath=file_path)
+                except StorageError as error:
+                    file_path = None
+                    warnings.append(f"The image was generated but could not be stored: {error}. It is only in this answer.")
+        finally:
+            # Sending is left out on purpose: a slow client must not hold up other requests.
+            context.slot.release()
+        ignored = image.ignored
+        if caller_seed is not None and image.seed is None:
+            ignored = (*ignored, "seed")
+        if ignored:
+            warnings.insert(0, f"The {image.route.backend} backend cannot use {', '.join(ignored)}: ignored.")
+        for name_, ms in image.timings_ms.items():
+            record.phases[name_] = ms
+        return Produced(png, image.route, image.seed, file_path, ignored=ignored, warning=" ".join(warnings) or None)
+
+    def _name_for(self, generation: GenerationRequest, image: GeneratedImage, caller_seed: int | None) -> str:
+        if caller_seed is not None and image.seed is not None and self._settings.cache:
+            backend = self._dispatcher.backends[image.route.backend]
+            return cached_image_name(generation, backend.identity(), image.route.model)
+        return image_name(generation.prompt)
+
+
+def _log_fields(produced: Produced) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "backend": produced.route.backend,
+        "model": produced.route.model,
+        "provider": produced.route.provider,
+        "seed": produced.seed,
+        "cached": produced.cached,
+    }
+    if produced.ignored:
+        fields["ignored"] = list(produced.ignored)
+    if produced.warning:
+        fields["warning"] = produced.warning
+    return fields
