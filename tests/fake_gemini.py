@@ -172,9 +172,7 @@ class FakeGemini(StandIn):
 
     def register_service_account(self, info: dict) -> None:
         """Accept JWTs signed by this service-account key (the dict of its JSON key file)."""
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-        key = load_pem_private_key(info["private_key"].encode(), password=None)
+        key = serialization.load_pem_private_key(info["private_key"].encode(), password=None)
         public = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         with self._token_lock:
