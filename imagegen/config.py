@@ -239,7 +239,11 @@ def _backend_sections(
             model=model,
             # The default model is always allowed: a request without "model" must work.
             allowed_models=tuple(dict.fromkeys((model, *allowed))),
-            options={option: value for option in spec.options if (value := get(option)) is not None},
+            options={
+                option: value
+                for option in spec.options
+                if (value := get(option) or spec.option_defaults.get(option)) is not None
+            },
         )
     return sections
 

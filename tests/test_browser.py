@@ -121,7 +121,7 @@ def test_upstream_error_is_shown_as_the_functions_message(page, function, router
     generate(page, "a fox")
     error = page.locator("#error")
     expect(error).to_be_visible()
-    expect(error).to_contain_text("used up its Inference Providers credits")
+    expect(error).to_contain_text("has used up its credit")
     expect(page.locator("#result")).to_be_hidden()
 
 

@@ -14,6 +14,7 @@ from imagegen.config import DEFAULT_MAX_PROMPT_CHARS, KNOWN_PROVIDERS, load_sett
 from imagegen.cors import ALLOWED_HEADERS
 from imagegen.errors import InvalidRequest
 from imagegen.backends.huggingface.providers import PROVIDERS
+from imagegen.backends.registry import BACKENDS
 from tests.conftest import TEST_TOKEN
 from tests.contract import schema, spec, validate_body
 from tests.fake_router import make_png
@@ -48,11 +49,14 @@ def test_request_schema_matches_validation():
     assert (properties["seed"]["minimum"], properties["seed"]["maximum"]) == (0, validation.MAX_SEED)
     assert properties["prompt"]["maxLength"] == properties["negativePrompt"]["maxLength"] == DEFAULT_MAX_PROMPT_CHARS
     assert properties["provider"]["enum"] == [*KNOWN_PROVIDERS, None]
+    assert properties["backend"]["enum"] == [*BACKENDS, None]
 
 
 def test_answer_schemas_match_the_code():
     assert set(schema("Error")["properties"]["code"]["enum"]) == codes_in_source()
-    assert set(schema("GenerationSuccess")["properties"]["provider"]["enum"]) == set(PROVIDERS)
+    success = schema("GenerationSuccess")["properties"]
+    assert set(success["provider"]["enum"]) == {*PROVIDERS, None}
+    assert success["backend"]["enum"] == list(BACKENDS)
     preflight = spec()["paths"]["/api/generate-image"]["options"]["responses"]["204"]["headers"]
     assert preflight["Access-Control-Allow-Headers"]["schema"]["const"] == ALLOWED_HEADERS
 

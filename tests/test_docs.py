@@ -2,7 +2,8 @@
 
 import re
 
-from imagegen.config import Settings, load_settings
+from imagegen.backends.registry import BACKENDS
+from imagegen.config import load_settings
 from tests.servers import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text()
@@ -30,18 +31,28 @@ def read_env_yaml() -> dict[str, str]:
 
 
 # Secrets reach the function through Secret Manager (--set-secrets), never env.yaml.
-SECRETS = {"HUGGING_FACE_API_KEY", "HF_TOKEN", "API_KEYS"}
+SECRETS = {"API_KEYS"} | {variable for spec in BACKENDS.values() for variable in spec.key_variables}
+
+
+def backend_variables() -> set[str]:
+    variables = set()
+    for spec in BACKENDS.values():
+        variables |= {spec.model_variable, spec.allowed_models_variable, *spec.options}
+        if spec.url_variable:
+            variables.add(spec.url_variable)
+    return variables
 
 
 def test_env_yaml_holds_the_defaults_and_no_secret():
     values = read_env_yaml()
     assert not SECRETS & set(values)
-    assert load_settings(values) == Settings()
+    assert load_settings(values) == load_settings({})
 
 
 def test_every_setting_is_in_the_readme_and_env_yaml():
     config_source = (REPO_ROOT / "imagegen" / "config.py").read_text()
-    variables = set(re.findall(r'get\("([A-Z][A-Z_]+)"\)', config_source)) | {"IMAGE_PREFIX"}
+    variables = set(re.findall(r'get\("([A-Z][A-Z_]+)"\)', config_source)) | {"IMAGE_PREFIX"} | backend_variables()
+    variables |= {f"{name}_SECONDS" for name in ("TIMEOUT", "DEADLINE")} | {"MAX_RETRIES"}
     assert variables - SECRETS <= set(read_env_yaml())
     for name in variables | SECRETS | {"THREADS"}:
         assert f"| `{name}`" in README, name

@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,8 +37,10 @@ class BackendSpec:
     model_example: str
     url_variable: str | None = None
     default_url: str | None = None
-    # Other variables the backend reads (checked by the backend when it is built).
+    # Other variables the backend reads (checked by the backend when it is built), and their
+    # defaults where they have one.
     options: tuple[str, ...] = ()
+    option_defaults: Mapping[str, str] = field(default_factory=dict)
     # Without a key, the variable whose presence enables the backend (Vertex: its project).
     enabled_by: str | None = None
     # Enabled by default only when no other backend is (the local model).
@@ -95,6 +97,7 @@ BACKENDS: Mapping[str, BackendSpec] = {
             "gemini-2.5-flash-image",
             key_variables=(),
             options=("VERTEX_PROJECT", "VERTEX_LOCATION", "GOOGLE_CLOUD_PROJECT"),
+            option_defaults={"VERTEX_LOCATION": "global"},
             enabled_by="VERTEX_PROJECT",
         ),
         _spec("stability", "STABILITY", "core", _PLAIN_NAME, "core, ultra or sd3.5-large", default_url="https://api.stability.ai"),
@@ -116,6 +119,7 @@ BACKENDS: Mapping[str, BackendSpec] = {
             key_variables=(),
             url_variable=None,
             options=("LOCAL_DEVICE", "LOCAL_DTYPE", "LOCAL_PRELOAD", "LOCAL_QUEUE_MAX"),
+            option_defaults={"LOCAL_DEVICE": "auto", "LOCAL_DTYPE": "auto", "LOCAL_PRELOAD": "false", "LOCAL_QUEUE_MAX": "8"},
             fallback=True,
         ),
     )

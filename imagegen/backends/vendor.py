@@ -171,8 +171,8 @@ def error_for_status(status: int, headers: Mapping[str, str], body: bytes, conte
     if kind == CREDITS or (kind is None and status == 402):
         return context.error(
             UpstreamError,
-            f"The {vendor.name} account behind this server is out of credit or quota. {vendor.credits_advice}, "
-            f"then try again{said}",
+            f"The {vendor.name} account behind this server has used up its credit or quota{said}. "
+            f"{vendor.credits_advice}, then try again",
             code="upstream_credits_exhausted",
         )
     if kind == MODEL_NOT_AVAILABLE or (kind is None and status in (404, 410)):

@@ -55,10 +55,7 @@ VENDOR = Vendor(
     key_advice=(
         "Check that HUGGING_FACE_API_KEY holds a valid token with the 'Make calls to Inference Providers' permission"
     ),
-    credits_advice=(
-        "Hugging Face's Inference Providers credits are used up: add credits or a PRO plan at "
-        "https://huggingface.co/settings/billing"
-    ),
+    credits_advice="Add Inference Providers credits or a PRO plan at https://huggingface.co/settings/billing",
     url_variable="HF_ROUTER_URL",
     model_advice=_model_advice,
     classify=_classify,
