@@ -4,6 +4,9 @@
   (or `wait=N`), JSON `{"input": {...}}` → 201 and a prediction `{id, model, version, input,
   logs, output, data_removed, error, status, created_at, started_at?, completed_at?, metrics,
   urls: {get, cancel, stream, web}}`. `urls.get`/`urls.cancel` point at this server.
+- POST /v1/predictions, JSON `{"version": <64 hex>, "input": {...}}` (a pinned or community
+  model): the same, with `version` echoed; a malformed version answers 422 "Invalid version or
+  not permitted", as Replicate does for a version it does not know.
 - GET /v1/predictions/{id}: the prediction as it stands now; POST /v1/predictions/{id}/cancel
   → `status: canceled` (the id lands in `canceled`).
 - GET /cdn/{n}.{webp|jpg|png}: the outputs, without auth, in the asked `output_format`
@@ -11,7 +14,9 @@
 - What happens is scripted per prediction with `reply(Reply(plan=Outcome(...)))` or the
   helpers: `succeed()` (default: done within `Prefer: wait`), `finish_later(polls=2)` (created
   `starting`, then `polls` GETs answer `processing`, then `succeeded`), `fail(error)` /
-  `fail_nsfw()`, `never_finish()` (stays `processing`: for cancel and deadline tests).
+  `fail_nsfw()`, `never_finish()` (stays `processing`: for cancel and deadline tests),
+  `end_as("canceled" | "aborted")`. `logs=` scripts the prediction's logs while it runs
+  (flux prints tqdm bars such as " 50%|█████     | 2/4").
   Without `Prefer: wait` a prediction is always created `starting`.
 - Errors are `{"title", "detail", "status"}` (application/problem+json): 401 (wrong key),
   `insufficient_credit()` 402, `not_found()` 404, `invalid_input(field, description)` 422,
@@ -20,6 +25,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -40,14 +46,15 @@ class Outcome:
     polls: int = 0  # when not within the wait: GETs answered "processing" before the end
     error: str | None = None
     output: Any = None  # None: the CDN URLs of fresh images
+    logs: str | None = None  # the logs while running and after (None: a generic line)
 
 
 def succeed() -> Reply:
     return Reply(plan=Outcome())
 
 
-def finish_later(polls: int = 2, status: str = "succeeded", error: str | None = None) -> Reply:
-    return Reply(plan=Outcome(status, within_wait=False, polls=polls, error=error))
+def finish_later(polls: int = 2, status: str = "succeeded", error: str | None = None, logs: str | None = None) -> Reply:
+    return Reply(plan=Outcome(status, within_wait=False, polls=polls, error=error, logs=logs))
 
 
 def fail(error: str = "Prediction failed.", within_wait: bool = True, polls: int = 0) -> Reply:
@@ -58,8 +65,18 @@ def fail_nsfw(within_wait: bool = True) -> Reply:
     return fail(NSFW_ERROR, within_wait)
 
 
-def never_finish() -> Reply:
-    return Reply(plan=Outcome("processing", within_wait=False))
+def never_finish(logs: str | None = None) -> Reply:
+    return Reply(plan=Outcome("processing", within_wait=False, logs=logs))
+
+
+def end_as(status: str, within_wait: bool = True) -> Reply:
+    """A prediction that ends `canceled` (someone stopped it) or `aborted` (never started)."""
+    return Reply(plan=Outcome(status, within_wait))
+
+
+def invalid_version() -> Reply:
+    return problem(422, "Invalid version or not permitted", "The specified version does not exist (or perhaps you "
+                                                            "don't have permission to use it?)")
 
 
 def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> Reply:
@@ -98,6 +115,7 @@ class Prediction:
     model: str
     input: dict
     outcome: Outcome
+    version: str = "hidden"
     status: str = "starting"
     polls: int = 0
     output: Any = None
@@ -127,6 +145,7 @@ class FakeReplicate(StandIn):
     def routes(self):
         return [
             ("POST", r"/v1/models/(?P<owner>[^/]+)/(?P<name>[^/]+)/predictions", self._create, self._authorized, True),
+            ("POST", r"/v1/predictions", self._create, self._authorized, True),
             ("GET", r"/v1/predictions/(?P<id>[^/]+)", self._get, self._authorized, False),
             ("POST", r"/v1/predictions/(?P<id>[^/]+)/cancel", self._cancel, self._authorized, False),
         ]
@@ -153,7 +172,13 @@ class FakeReplicate(StandIn):
         if not payload["input"].get("prompt"):
             return self._send(invalid_input("input.prompt", "prompt is required"))
         outcome = reply.plan if isinstance(reply.plan, Outcome) else Outcome()
-        prediction = Prediction(secrets.token_hex(13)[:26], f"{match['owner']}/{match['name']}", payload["input"], outcome)
+        if "owner" in match.groupdict():
+            prediction = Prediction(secrets.token_hex(13)[:26], f"{match['owner']}/{match['name']}", payload["input"], outcome)
+        else:
+            version = payload.get("version")
+            if not isinstance(version, str) or not re.fullmatch(r"[0-9a-f]{64}", version):
+                return self._send(invalid_version())
+            prediction = Prediction(secrets.token_hex(13)[:26], "owner/community-model", payload["input"], outcome, version)
         waits = (request.header("Prefer") or "").strip().startswith("wait")
         if waits and outcome.within_wait and outcome.status != "processing":
             self._finish(prediction)
@@ -208,14 +233,14 @@ class FakeReplicate(StandIn):
         return urls
 
     def _view(self, prediction: Prediction) -> dict:
-        done = prediction.status in ("succeeded", "failed", "canceled")
+        done = prediction.status in ("succeeded", "failed", "canceled", "aborted")
         base = f"{self.url}/v1/predictions/{prediction.id}"
         view = {
             "id": prediction.id,
             "model": prediction.model,
-            "version": "hidden",
+            "version": prediction.version,
             "input": prediction.input,
-            "logs": "" if prediction.status == "starting" else "Running prediction...\n",
+            "logs": "" if prediction.status == "starting" else (prediction.outcome.logs or "Running prediction...\n"),
             "output": prediction.output,
             "data_removed": False,
             "error": prediction.error,
