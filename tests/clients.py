@@ -28,3 +28,22 @@ class HuggingFaceClient:
             deadline=self.timing.clock() + self.settings.deadline_seconds, timing=self.timing, slot=slot
         )
         return self.dispatcher.generate(request, context, attempts)
+
+
+class BackendsClient:
+    """The configured backends (settings.backends, built through the registry) behind one
+    dispatcher: what the per-backend tests drive."""
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None, timing: Timing | None = None) -> None:
+        from imagegen.backends.registry import create_backends
+
+        self.backends = create_backends(settings, session or new_session())
+        self.dispatcher = Dispatcher(self.backends, settings.max_retries)
+        self.timing = timing or Timing()
+        self.settings = settings
+
+    def generate(self, request: GenerationRequest, attempts: list[Attempt] | None = None, progress=None) -> GeneratedImage:
+        context = GenerationContext(deadline=self.timing.clock() + self.settings.deadline_seconds, timing=self.timing)
+        if progress is not None:
+            context.progress = progress
+        return self.dispatcher.generate(request, context, attempts)
