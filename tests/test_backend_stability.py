@@ -16,6 +16,7 @@ from PIL import Image
 from imagegen.backends.stability import MAX_SEED, stability_seed
 from imagegen.config import load_settings
 from imagegen.domain import GenerationRequest
+from imagegen.png_info import png_text
 from imagegen.errors import ConfigurationError, ContentRejected, UpstreamError, UpstreamRateLimited
 from tests import fake_openai, fake_stability
 from tests.clients import BackendsClient
@@ -356,6 +357,7 @@ def test_the_function_answers_with_stability_and_never_keeps_a_filtered_image(ru
     assert body["ignored"] == ["steps"] and "stability backend cannot use steps" in body["warning"]
     png = base64.b64decode(body["imageUrl"].removeprefix("data:image/png;base64,"), validate=True)
     assert image_size(png) == (64, 36)
+    assert f"Seed: {MAX_SEED}, Size: 64x36, Model: core" in png_text(png, "parameters")
     stored = sorted(out.iterdir())
     assert len(stored) == 1
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import requests
@@ -180,7 +181,7 @@ class BadAnswer(ValueError):
     """A 200 answer that is not the image it should be; the message says what came."""
 
 
-def _read_answer(body: bytes, headers) -> tuple[bytes, str | None, str | None]:
+def _read_answer(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, str | None, str | None]:
     """(image bytes, finish reason, seed text) from an image body, or from the JSON form
     `{"image", "finish_reason", "seed"}` that a proxy ignoring Accept might return."""
     content_type = headers.get("Content-Type", "").lower()
@@ -197,7 +198,7 @@ def _read_answer(body: bytes, headers) -> tuple[bytes, str | None, str | None]:
     return data, reason if isinstance(reason, str) else None, str(seed) if isinstance(seed, int) else None
 
 
-def _header(headers, name: str) -> str | None:
+def _header(headers: Mapping[str, str], name: str) -> str | None:
     value = headers.get(name)
     return value.strip() if isinstance(value, str) else None
 
