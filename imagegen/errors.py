@@ -7,6 +7,8 @@ handler turns any `ImageGenError` into JSON in one place; anything else becomes 
 
 from __future__ import annotations
 
+import math
+
 
 class ImageGenError(Exception):
     status: int = 500
@@ -81,11 +83,12 @@ class UpstreamError(ImageGenError):
         code: str | None = None,
         upstream_status: int | None = None,
         request_id: str | None = None,
-        retry_after: int | None = None,
+        retry_after: float | None = None,
         retryable: bool = False,
         fail_over: bool = False,
     ) -> None:
-        headers = {"Retry-After": str(max(1, retry_after))} if retry_after is not None else None
+        # Retry-After is whole seconds; hints like OpenAI's retry-after-ms come as fractions.
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
         super().__init__(message, code=code, headers=headers)
         self.upstream_status = upstream_status
         self.reported_status: str | None = None  # "HF status 503": how the vendor's status is named

@@ -1,4 +1,4 @@
-"""The Hugging Face backend behind a dispatcher, as one object: what the client tests drive."""
+"""Backends behind a dispatcher, as one object: what the backend and client tests drive."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ class BackendsClient:
     the registry as the function builds them: what backend tests and failover tests drive."""
 
     def __init__(self, settings: Settings, session: requests.Session | None = None, timing: Timing | None = None) -> None:
-        self.dispatcher = Dispatcher(create_backends(settings, session or new_session()), settings.max_retries)
+        self.backends = create_backends(settings, session or new_session())
+        self.dispatcher = Dispatcher(self.backends, settings.max_retries)
         self.timing = timing or Timing()
         self.settings = settings
         self.events: list[tuple[str, dict]] = []  # every progress event, in order
@@ -48,13 +49,17 @@ class BackendsClient:
         self.events.append((event, fields))
 
     def generate(
-        self, request: GenerationRequest, attempts: list[Attempt] | None = None, slot: Slot | None = None
+        self,
+        request: GenerationRequest,
+        attempts: list[Attempt] | None = None,
+        slot: Slot | None = None,
+        progress=None,
     ) -> GeneratedImage:
         context = GenerationContext(
             deadline=self.timing.clock() + self.settings.deadline_seconds,
             timing=self.timing,
             slot=slot,
-            progress=self.progress,
+            progress=progress or self.progress,
             cancelled=self.cancelled,
         )
         return self.dispatcher.generate(request, context, attempts)

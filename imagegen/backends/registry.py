@@ -80,7 +80,15 @@ BACKENDS: Mapping[str, BackendSpec] = {
             url_variable="HF_ROUTER_URL",
             default_url="https://router.huggingface.co",
         ),
-        _spec("openai", "OPENAI", "gpt-image-2", _PLAIN_NAME, "gpt-image-2", default_url="https://api.openai.com/v1"),
+        _spec(
+            "openai",
+            "OPENAI",
+            "gpt-image-2",
+            _PLAIN_NAME,
+            "gpt-image-2",
+            default_url="https://api.openai.com/v1",
+            options=("OPENAI_QUALITY",),
+        ),
         _spec(
             "gemini",
             "GEMINI",

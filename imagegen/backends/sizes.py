@@ -9,6 +9,7 @@ the image actually made, read from the PNG.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 
 def requested_shape(width: int | None, height: int | None) -> tuple[int, int] | None:
@@ -54,10 +55,14 @@ def free_size(
         grow = math.sqrt(min_pixels / (long_side * short_side))
         long_side, short_side = long_side * grow, short_side * grow
 
-    def snap(value: float, limit: int) -> int:
-        return max(step, min(limit // step * step, round(value / step) * step))
+    def snap(value: float, limit: int, rounding: Callable[[float], int] = round) -> int:
+        return max(step, min(limit // step * step, rounding(value / step) * step))
 
-    long_side, short_side = snap(long_side, max_long), snap(short_side, max_short)
-    while long_side / short_side > max_ratio:
+    exact_long, exact_short = long_side, short_side
+    long_side, short_side = snap(exact_long, max_long), snap(exact_short, max_short)
+    if long_side * short_side < min_pixels:
+        # Rounding to the nearest step fell below the minimum: round both sides up instead.
+        long_side, short_side = snap(exact_long, max_long, math.ceil), snap(exact_short, max_short, math.ceil)
+    while long_side / short_side > max_ratio or (long_side * short_side < min_pixels and short_side + step <= max_short):
         short_side += step
     return (long_side, short_side) if width >= height else (short_side, long_side)
