@@ -82,8 +82,8 @@ def a1111_parameters(generation: GenerationRequest, image: GeneratedImage, size:
 
 
 def embed_parameters(image: GeneratedImage, generation: GenerationRequest) -> PngParts:
-    """The PNG with its recipe in text chunks: A1111's "parameters", and "backend", "model" and
-    "provider", which a cached answer reads back to say what made it."""
+    """The PNG with its recipe in text chunks: A1111's "parameters", and "backend", "model",
+    "provider" and "seed", which a cached answer reads back to say what made it."""
     png = image.png
     if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
         raise ValueError("not a PNG that starts with IHDR")
@@ -92,6 +92,7 @@ def embed_parameters(image: GeneratedImage, generation: GenerationRequest) -> Pn
         "backend": image.route.backend,
         "model": image.route.model,
         **({"provider": image.route.provider} if image.route.provider else {}),
+        **({"seed": str(image.seed)} if image.seed is not None else {}),
         "Software": "imagegen",
     }
     chunks = b"".join(_text_chunk(keyword, value) for keyword, value in text.items())

@@ -369,3 +369,14 @@ def test_the_function_answers_with_stability_and_never_keeps_a_filtered_image(ru
 
     for text in (answer.text, refused.text, function.log()):
         assert STABILITY_KEY not in text
+
+
+def test_a_cached_answer_reports_the_seed_the_fresh_one_did(make_app, stability):
+    """Stability has no seed 0 (it means random): the seed sent and reported is another one,
+    and an answer from the cache must report that same seed, not the request's 0."""
+    app = make_app(BACKENDS="stability", STABILITY_API_KEY=STABILITY_KEY, STABILITY_BASE_URL=stability.base_url)
+    fresh = app.post("/", json={"prompt": PROMPT, "seed": 0}).get_json()
+    cached = app.post("/", json={"prompt": PROMPT, "seed": 0}).get_json()
+    assert (fresh["cached"], cached["cached"]) == (False, True)
+    assert fresh["seed"] == cached["seed"] == stability_seed(0) != 0
+    assert len(stability.calls()) == 1
