@@ -60,6 +60,8 @@ T = TypeVar("T")
 CALL_TIMEOUT_SECONDS = 0.05
 RETRY_AFTER_SECONDS = 1.0
 WARN_EVERY_SECONDS = 60.0
+# One per request talking to Redis at the same moment (--concurrency=80 requests share one
+# instance, and each call holds a connection for well under a millisecond).
 MAX_CONNECTIONS = 64
 # Budget counters outlive their day by this much, so a refund just after midnight finds the
 # key and sees that its day is over (then gives nothing back).
@@ -171,16 +173,20 @@ def connect(url: str, timeout: float = CALL_TIMEOUT_SECONDS) -> redis.Redis:
 
     Connects on first use, not here: a cold start does not wait for Redis.
     """
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        # Waits at most `timeout` for a free connection rather than failing at once when
+        # MAX_CONNECTIONS requests talk to Redis at the same moment.
+        timeout=timeout,
+        max_connections=MAX_CONNECTIONS,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         health_check_interval=0,
-        max_connections=MAX_CONNECTIONS,
         client_name="imagegen",
     )
+    return redis.Redis(connection_pool=pool)
 
 
 class RedisState:
