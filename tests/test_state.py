@@ -511,3 +511,16 @@ def test_make_state_builds_redis_from_the_settings(server):
         assert isinstance(state, RedisState) and state.take_rate("hank").limit == 10
     finally:
         state.close()
+
+
+def test_one_slow_answer_costs_only_that_call(server, namespace, records):
+    logger, _ = records
+    proxy = SlowProxy(server.port, delay=0.5)
+    try:
+        state = redis_state(proxy.url, namespace, logger, rate=RatePolicy(60, 5), failure="closed")
+        result, took = timed(lambda: state.take_rate("ivan"))
+        assert isinstance(result, StateUnavailable) and took < CALL_BOUND_SECONDS
+        proxy.delay = 0.0
+        assert isinstance(state.take_rate("ivan"), RateDecision)  # no pause after a single failure
+    finally:
+        proxy.close()

@@ -17,8 +17,9 @@ per generated image, so one slot carries them easily.
 
 Every call is bounded (CALL_TIMEOUT_SECONDS to connect and to answer, no retries). When Redis
 fails, STATE_FAILURE decides: "open" serves that call from this instance's `MemoryState` and logs
-a WARNING at most once a minute; "closed" raises `StateUnavailable` (503). After a failure Redis
-is left alone for RETRY_AFTER_SECONDS, so an outage costs each request nothing, not 50 ms a call.
+a WARNING at most once a minute; "closed" raises `StateUnavailable` (503). Redis
+is left alone for RETRY_AFTER_SECONDS after a few failures in a row, so an outage costs each
+request nothing, not 50 ms a call.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ T = TypeVar("T")
 # Loopback answers in about 0.1 ms and Memorystore in the same region in about 1 ms: 50 ms is
 # far above a healthy answer and far below anything a person waiting for an image notices.
 CALL_TIMEOUT_SECONDS = 0.05
+# After this many failed calls in a row Redis is left alone for RETRY_AFTER_SECONDS: a dead
+# Redis then costs a request nothing, while one slow answer (a busy machine, a network blip)
+# costs only that call, not a second of fallbacks (or of 503s with STATE_FAILURE=closed).
+FAILURES_BEFORE_PAUSE = 3
 RETRY_AFTER_SECONDS = 1.0
 WARN_EVERY_SECONDS = 60.0
 # One per request talking to Redis at the same moment (--concurrency=80 requests share one
@@ -221,6 +226,7 @@ class RedisState:
         self._sleep = sleep
         self._poll_seconds = poll_seconds
         self._down_until = float("-inf")
+        self._failures = 0  # in a row; a success starts over
         self._warned_at = float("-inf")
         self._warn_lock = threading.Lock()
         self._local: SingleFlight[Any] = SingleFlight()
@@ -381,10 +387,14 @@ class RedisState:
         if self._clock() < self._down_until:
             return self._unavailable(None)
         try:
-            return script(keys, args, client=self._client)
+            result = script(keys, args, client=self._client)
         except RedisError as error:
-            self._down_until = self._clock() + RETRY_AFTER_SECONDS
+            self._failures += 1
+            if self._failures >= FAILURES_BEFORE_PAUSE:
+                self._down_until = self._clock() + RETRY_AFTER_SECONDS
             return self._unavailable(error)
+        self._failures = 0
+        return result
 
     def _unavailable(self, error: RedisError | None) -> Any:
         if error is not None:
