@@ -39,12 +39,19 @@ class RedisServer:
                 self.process.wait(timeout=10)
 
 
-def start_redis(log_path: Path, port: int | None = None, password: str | None = None) -> RedisServer:
-    """redis-server on 127.0.0.1, no persistence; returns once it answers PING."""
+def start_redis(log_path: Path, port: int | None = None, password: str | None = None, cluster: bool = False) -> RedisServer:
+    """redis-server on 127.0.0.1, no persistence; returns once it answers PING.
+
+    `cluster`: a cluster of this one node holding every slot; it still refuses a script whose
+    keys are in different slots, which is what the tests need of it.
+    """
     port = port or free_port()
     command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     if password:
         command += ["--requirepass", password]
+    if cluster:
+        command += ["--cluster-enabled", "yes", "--cluster-port", str(free_port())]
+        command += ["--cluster-config-file", str(log_path.with_suffix(".nodes.conf"))]
     log_file = open(log_path, "ab")
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log_file.close()
@@ -60,8 +67,16 @@ def start_redis(log_path: Path, port: int | None = None, password: str | None = 
         except OSError:
             return False
 
+    def command_answer(*words: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(("*%d\r\n" % len(words) + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)).encode())
+            return sock.recv(4096)
+
     try:
         wait_until(answering, 10, f"redis-server on port {port}")
+        if cluster:
+            assert command_answer("CLUSTER", "ADDSLOTSRANGE", "0", "16383").startswith(b"+OK")
+            wait_until(lambda: b"cluster_state:ok" in command_answer("CLUSTER", "INFO"), 10, "the cluster to be ok")
     except BaseException:
         server.stop()
         raise

@@ -118,6 +118,7 @@ def test_settings_default_to_memory_and_open():
         ({"STATE_URL": "redis://:hunter2-secret@10.0.0.3:6379/zero"}, "STATE_URL"),
         ({"DAILY_IMAGE_LIMIT": "-1"}, "DAILY_IMAGE_LIMIT"),
         ({"DAILY_IMAGE_LIMIT_PER_CALLER": "ten"}, "DAILY_IMAGE_LIMIT_PER_CALLER"),
+        ({"STATE_CLUSTER": "maybe"}, "STATE_CLUSTER"),
     ],
 )
 def test_a_bad_setting_names_its_variable_and_never_shows_a_password(env, variable):
@@ -524,3 +525,39 @@ def test_one_slow_answer_costs_only_that_call(server, namespace, records):
         assert isinstance(state.take_rate("ivan"), RateDecision)  # no pause after a single failure
     finally:
         proxy.close()
+
+
+# --- a Redis Cluster (Memorystore for Redis Cluster, Valkey cluster mode) --------------------
+
+
+def test_a_cluster_runs_every_script_in_one_slot(tmp_path, namespace):
+    server = start_redis(tmp_path / "cluster.log", cluster=True)
+    try:
+        settings = settings_from(
+            {"STATE_URL": server.url, "STATE_CLUSTER": "true", "STATE_FAILURE": "closed", "DAILY_IMAGE_LIMIT": "2"}
+        )
+        one, two = (RedisState.from_settings(settings, namespace=namespace, poll_seconds=0.02) for _ in range(2))
+        # A script whose keys were in different slots would fail (CROSSSLOT): closed mode says so.
+        assert [one.take_rate("jo").remaining, two.take_rate("jo").remaining] == [9, 8]
+        first = one.reserve("jo")
+        two.reserve("kim")
+        with pytest.raises(BudgetExhausted):
+            one.reserve("lee")
+        two.refund(first)
+        assert one.reserve("lee").counted
+        assert two.single_flight("c", lambda: ("made", "seeded/c"), lambda n: None, lease_seconds=5, timeout=5) == ("made", False)
+        assert one.single_flight("c", lambda: ("again", "x"), lambda name: f"loaded {name}", lease_seconds=5, timeout=5) == (
+            "loaded seeded/c",
+            True,
+        )
+    finally:
+        server.stop()
+
+
+def test_an_unreachable_cluster_at_start_is_no_crash(tmp_path, namespace, records):
+    logger, handler = records
+    settings = settings_from({"STATE_URL": "redis://127.0.0.1:1/0", "STATE_CLUSTER": "true"})
+    state = make_state(settings, logger=logger)  # connects on first use, not here
+    result, took = timed(lambda: state.take_rate("max"))
+    assert isinstance(result, RateDecision) and took < CALL_BOUND_SECONDS
+    assert len(handler.lines) == 1 and "STATE_FAILURE=open" in handler.lines[0]

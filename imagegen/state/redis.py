@@ -31,12 +31,15 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import Script
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
+
+from urllib.parse import urlsplit
 
 from imagegen.cache import SingleFlight
 from imagegen.errors import StateUnavailable
@@ -169,15 +172,38 @@ return 1
 """
 
 
+SCRIPTS = {
+    "rate": RATE_SCRIPT,
+    "budget": BUDGET_SCRIPT,
+    "refund": REFUND_SCRIPT,
+    "join": JOIN_SCRIPT,
+    "renew": RENEW_SCRIPT,
+    "finish": FINISH_SCRIPT,
+}
+Client = Union[redis.Redis, redis.RedisCluster]
+# What a call to Redis may raise when Redis is down, slow or confused: each means "unavailable".
+FAILURES = (RedisError, RedisClusterException, OSError)
+
+
 class _Unavailable(Exception):
     """Redis failed and STATE_FAILURE=open: the caller falls back to memory."""
 
 
-def connect(url: str, timeout: float = CALL_TIMEOUT_SECONDS) -> redis.Redis:
+def connect(url: str, timeout: float = CALL_TIMEOUT_SECONDS, *, cluster: bool = False) -> redis.Redis | redis.RedisCluster:
     """A client whose every call ends within about `timeout`: no retries, no health checks.
 
-    Connects on first use, not here: a cold start does not wait for Redis.
+    Connects on first use, not here: a cold start does not wait for Redis (a cluster client
+    reads the slot map at once, bounded by the same timeout; a failure then is raised here).
     """
+    if cluster:
+        return redis.RedisCluster.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=MAX_CONNECTIONS,
+            client_name="imagegen",
+        )
     pool = redis.BlockingConnectionPool.from_url(
         url,
         # Waits at most `timeout` for a free connection rather than failing at once when
@@ -199,7 +225,7 @@ class RedisState:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: Client | Callable[[], Client],
         rate: RatePolicy,
         daily_image_limit: int = 0,
         daily_image_limit_per_caller: int = 0,
@@ -212,14 +238,20 @@ class RedisState:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
+        password: str | None = None,
     ) -> None:
-        self._client = client
+        # A client, or how to make one on first use (a cluster client connects when it is made).
+        self._connect = client if callable(client) and not isinstance(client, (redis.Redis, redis.RedisCluster)) else None
+        self._client: Client | None = None if self._connect else client
+        self._client_lock = threading.Lock()
+        self._scripts = {name: _script(text) for name, text in SCRIPTS.items()}
+        self._password = password
         self._rate = rate
         self._daily_limit = daily_image_limit
         self._daily_limit_per_caller = daily_image_limit_per_caller
         self._failure = failure
         self._fallback = fallback or MemoryState(rate, daily_image_limit, daily_image_limit_per_caller)
-        self._safe_url = safe_url or _address(client)
+        self._safe_url = safe_url or (_address(client) if self._client is not None else "redis")
         self._namespace = namespace
         self._logger = logger or get_logger()
         self._clock = clock
@@ -230,23 +262,19 @@ class RedisState:
         self._warned_at = float("-inf")
         self._warn_lock = threading.Lock()
         self._local: SingleFlight[Any] = SingleFlight()
-        self._rate_script = client.register_script(RATE_SCRIPT)
-        self._budget_script = client.register_script(BUDGET_SCRIPT)
-        self._refund_script = client.register_script(REFUND_SCRIPT)
-        self._join_script = client.register_script(JOIN_SCRIPT)
-        self._renew_script = client.register_script(RENEW_SCRIPT)
-        self._finish_script = client.register_script(FINISH_SCRIPT)
 
     @classmethod
     def from_settings(cls, settings: StateSettings, **options: Any) -> RedisState:
-        assert settings.url is not None
+        url = settings.url
+        assert url is not None
         return cls(
-            connect(settings.url),
+            lambda: connect(url, cluster=settings.cluster),
             settings.rate,
             settings.daily_image_limit,
             settings.daily_image_limit_per_caller,
             failure=settings.failure,
-            safe_url=redact_url(settings.url),
+            safe_url=redact_url(url),
+            password=urlsplit(url).password,
             **options,
         )
 
@@ -257,7 +285,7 @@ class RedisState:
             return None
         per_second = self._rate.per_minute / 60
         try:
-            allowed, tokens = self._run(self._rate_script, [self._caller_key(caller) + ":rate"], [per_second, self._rate.burst])
+            allowed, tokens = self._run("rate", [self._caller_key(caller) + ":rate"], [per_second, self._rate.burst])
         except _Unavailable:
             return self._fallback.take_rate(caller)
         tokens = float(tokens)
@@ -273,7 +301,7 @@ class RedisState:
             return Reservation(caller, int(time.time() // SECONDS_PER_DAY), counted=False, where=self.where)
         try:
             verdict, day, reset = self._run(
-                self._budget_script,
+                "budget",
                 self._budget_keys(caller),
                 [self._daily_limit, self._daily_limit_per_caller, DAY_MARGIN_SECONDS],
             )
@@ -292,7 +320,7 @@ class RedisState:
             self._fallback.refund(reservation)
             return
         try:
-            self._run(self._refund_script, self._budget_keys(reservation.caller), [reservation.day])
+            self._run("refund", self._budget_keys(reservation.caller), [reservation.day])
         except (_Unavailable, StateUnavailable):
             pass  # the unit stays spent: the budget errs on the side of the owner's bill
 
@@ -328,7 +356,7 @@ class RedisState:
         mode = "join"
         while True:
             try:
-                verdict, outcome = self._run(self._join_script, [lock, outcome_key], [token, lease_ms, mode])
+                verdict, outcome = self._run("join", [lock, outcome_key], [token, lease_ms, mode])
             except _Unavailable:
                 return produce()[0], False  # open: this instance generates on its own
             if verdict == b"won":
@@ -367,8 +395,8 @@ class RedisState:
             stop.set()
             renewer.join()
             try:
-                self._finish_script([lock, outcome_key], [token, outcome, ttl], client=self._client)
-            except RedisError as error:
+                self._call("finish", [lock, outcome_key], [token, outcome, ttl])
+            except FAILURES as error:
                 # Waiters take over when the lease runs out; the answer here is ready regardless.
                 self._warn(error)
 
@@ -376,19 +404,31 @@ class RedisState:
         """Extends the lease every third of it while the winner generates."""
         while not stop.wait(lease_ms / 3000):
             try:
-                if not self._renew_script([lock], [token, lease_ms], client=self._client):
+                if not self._call("renew", [lock], [token, lease_ms]):
                     return  # the lock is someone else's now: nothing left to keep
-            except RedisError as error:
+            except FAILURES as error:
                 self._warn(error)  # try again next time; the lease still has two thirds left
 
     # --- Redis calls and what happens when they fail ----------------------------------------
 
-    def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """One script on Redis, connecting first if need be; raises what Redis raised."""
+        client = self._client
+        if client is None:
+            with self._client_lock:
+                if self._client is None:
+                    assert self._connect is not None
+                    self._client = self._connect()
+                client = self._client
+        return self._scripts[script](keys, args, client=client)
+
+    def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """`_call` under the failure policy: the answer, or `_Unavailable` / `StateUnavailable`."""
         if self._clock() < self._down_until:
             return self._unavailable(None)
         try:
-            result = script(keys, args, client=self._client)
-        except RedisError as error:
+            result = self._call(script, keys, args)
+        except FAILURES as error:
             self._failures += 1
             if self._failures >= FAILURES_BEFORE_PAUSE:
                 self._down_until = self._clock() + RETRY_AFTER_SECONDS
@@ -396,7 +436,7 @@ class RedisState:
         self._failures = 0
         return result
 
-    def _unavailable(self, error: RedisError | None) -> Any:
+    def _unavailable(self, error: BaseException | None) -> Any:
         if error is not None:
             self._warn(error)
         if self._failure == "closed":
@@ -420,8 +460,10 @@ class RedisState:
         )
 
     def _scrub(self, text: str) -> str:
-        password = self._client.connection_pool.connection_kwargs.get("password")
-        return text.replace(password, "***") if password else text
+        secrets_ = {self._password, _connection_kwargs(self._client).get("password") if self._client else None}
+        for secret in filter(None, secrets_):
+            text = text.replace(secret, "***")
+        return text
 
     # --- keys -------------------------------------------------------------------------------
 
@@ -437,12 +479,27 @@ class RedisState:
         return f"{tag}:lock", f"{tag}:result"
 
     def close(self) -> None:
-        self._client.close()
-        self._client.connection_pool.disconnect()
+        if self._client is not None:
+            self._client.close()
 
 
-def _address(client: redis.Redis) -> str:
+def _script(text: str) -> Script:
+    """A script with no client of its own: every call names the client (EVALSHA, then EVAL and
+    load once when the server has not seen it)."""
+    return Script(None, text.encode())
+
+
+def _connection_kwargs(client: redis.Redis | redis.RedisCluster) -> dict[str, Any]:
+    if isinstance(client, redis.RedisCluster):
+        return client.nodes_manager.connection_kwargs
+    return client.connection_pool.connection_kwargs
+
+
+def _address(client: redis.Redis | redis.RedisCluster) -> str:
     """redis://host:port/db of a client, for messages: never its password."""
+    if isinstance(client, redis.RedisCluster):
+        node = client.get_default_node()
+        return f"redis://{node.host}:{node.port} (cluster)" if node else "redis (cluster)"
     kwargs = client.connection_pool.connection_kwargs
     scheme = "rediss" if client.connection_pool.connection_class is redis.SSLConnection else "redis"
     return f"{scheme}://{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"

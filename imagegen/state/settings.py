@@ -1,4 +1,5 @@
-"""The shared-state section of the settings: STATE_URL, STATE_FAILURE and the daily budgets.
+"""The shared-state section of the settings: STATE_URL, STATE_FAILURE, STATE_CLUSTER and the
+daily budgets.
 
 `config.load_settings` calls `load_state_settings(get, ...)` with its own `get` (empty values
 count as unset), so these variables are read once, with the rest, and a bad value names itself.
@@ -26,6 +27,7 @@ class StateSettings:
     rate: RatePolicy
     url: str | None = field(default=None, repr=False)  # may hold a password: never printed
     failure: str = "open"
+    cluster: bool = False  # a Redis Cluster (Memorystore for Redis Cluster, Valkey cluster mode)
     daily_image_limit: int = 0  # 0: no limit
     daily_image_limit_per_caller: int = 0  # 0: no limit
 
@@ -44,10 +46,14 @@ def load_state_settings(
     failure = (get("STATE_FAILURE") or "open").lower()
     if failure not in FAILURE_MODES:
         raise _invalid("STATE_FAILURE", failure, "open or closed")
+    cluster = (get("STATE_CLUSTER") or "false").lower()
+    if cluster not in ("true", "false"):
+        raise _invalid("STATE_CLUSTER", cluster, "true or false")
     return StateSettings(
         rate=RatePolicy(per_minute=rate_limit_per_minute, burst=rate_limit_burst),
         url=url,
         failure=failure,
+        cluster=cluster == "true",
         daily_image_limit=_limit("DAILY_IMAGE_LIMIT", get("DAILY_IMAGE_LIMIT")),
         daily_image_limit_per_caller=_limit("DAILY_IMAGE_LIMIT_PER_CALLER", get("DAILY_IMAGE_LIMIT_PER_CALLER")),
     )
