@@ -39,7 +39,7 @@ from redis.commands.core import Script
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from imagegen.cache import SingleFlight
 from imagegen.errors import StateUnavailable
@@ -460,7 +460,8 @@ class RedisState:
         )
 
     def _scrub(self, text: str) -> str:
-        secrets_ = {self._password, _connection_kwargs(self._client).get("password") if self._client else None}
+        # As written in the URL (percent-encoded) and as sent to Redis.
+        secrets_ = {self._password, unquote(self._password or ""), _connection_kwargs(self._client).get("password") if self._client else None}
         for secret in filter(None, secrets_):
             text = text.replace(secret, "***")
         return text
