@@ -144,3 +144,20 @@ class Cancelled(ImageGenError):
 
 class StorageError(Exception):
     """Storing the image failed. The handler still answers 200 with the image and a warning."""
+
+
+# --- shared state: limits that hold across instances ------------------------------------------
+
+
+class BudgetExhausted(ImageGenError):
+    """A daily image budget (all callers, or this caller) is spent until 00:00 UTC."""
+
+    status = 429
+    code = "budget_exhausted"
+
+
+class StateUnavailable(ImageGenError):
+    """The shared state (Redis) did not answer in time and STATE_FAILURE=closed."""
+
+    status = 503
+    code = "state_unavailable"

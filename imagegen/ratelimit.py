@@ -1,7 +1,8 @@
 """A token bucket per caller, per instance: RATE_LIMIT_PER_MINUTE, RATE_LIMIT_BURST.
 
-Each instance counts on its own, so the whole deployment allows at most the per-instance
-rate times --max-instances (the README says so). Idle callers are forgotten to bound memory.
+Each instance counts on its own, so without STATE_URL the whole deployment allows at most the
+per-instance rate times --max-instances; with it, imagegen.state.redis runs the same bucket in
+Redis for all of them. Idle callers are forgotten to bound memory.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from imagegen.errors import ImageGenError
+from imagegen.state.base import RateDecision
 
 MAX_TRACKED_CALLERS = 10_000
 
@@ -19,6 +21,30 @@ MAX_TRACKED_CALLERS = 10_000
 class RateLimited(ImageGenError):
     status = 429
     code = "rate_limited"
+    # The refusing bucket, for the RateLimit headers of the 429 (None if raised elsewhere).
+    decision: RateDecision | None = None
+
+
+def rate_limited(per_minute: float, burst: float, decision: RateDecision) -> RateLimited:
+    """The one wording of a refusal, whichever implementation counted."""
+    wait = decision.retry_after
+    error = RateLimited(
+        f"Too many images requested: this function allows {per_minute:g} per minute "
+        f"(bursts of {burst:g}). Try again in {wait} seconds.",
+        headers={"Retry-After": str(wait)},
+    )
+    error.decision = decision
+    return error
+
+
+def bucket_decision(tokens: float, burst: float, rate: float, refused: bool) -> RateDecision:
+    """The decision for a bucket left holding `tokens` (after the request's token is taken)."""
+    return RateDecision(
+        limit=int(burst),
+        remaining=max(0, math.floor(tokens)),
+        reset_seconds=max(0, math.ceil((burst - tokens) / rate)),
+        retry_after=math.ceil((1 - tokens) / rate) if refused else None,
+    )
 
 
 class RateLimiter:
@@ -33,25 +59,22 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self._rate > 0
 
-    def take(self, caller: str) -> None:
-        """Spend one token for `caller`, or raise `RateLimited` saying when one is back."""
+    def take(self, caller: str) -> RateDecision | None:
+        """Spend one token for `caller`: what is left (None when no limit is set), or raise
+        `RateLimited` saying when one is back."""
         if not self.enabled:
-            return
+            return None
         now = self._clock()
         with self._lock:
             tokens, when = self._buckets.get(caller, (self._burst, now))
             tokens = min(self._burst, tokens + (now - when) * self._rate)
             if tokens < 1:
                 self._buckets[caller] = (tokens, now)
-                wait = math.ceil((1 - tokens) / self._rate)
-                raise RateLimited(
-                    f"Too many images requested: this function allows {self._rate * 60:g} per minute "
-                    f"(bursts of {self._burst:g}). Try again in {wait} seconds.",
-                    headers={"Retry-After": str(wait)},
-                )
+                raise rate_limited(self._rate * 60, self._burst, bucket_decision(tokens, self._burst, self._rate, True))
             self._buckets[caller] = (tokens - 1, now)
             if len(self._buckets) > MAX_TRACKED_CALLERS:
                 self._forget_idle(now)
+        return bucket_decision(tokens - 1, self._burst, self._rate, False)
 
     def _forget_idle(self, now: float) -> None:
         full_after = self._burst / self._rate
