@@ -15,6 +15,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from imagegen.errors import ConfigurationError
+from imagegen.state.base import RatePolicy
+from imagegen.state.settings import StateSettings, load_state_settings
 
 DEFAULT_ROUTER_URL = "https://router.huggingface.co"
 # Served by hf-inference per Hugging Face's docs (2026); the README says how to change it.
@@ -97,6 +99,11 @@ class Settings:
     # The enabled backends in failover order, and every backend's section (enabled or not).
     backends: tuple[str, ...] = ()
     backend_settings: Mapping[str, BackendSettings] = field(default_factory=dict, repr=False)
+    # Rate limits, daily budgets and single-flight: this instance's, or shared through Redis.
+    state: StateSettings = field(
+        default_factory=lambda: StateSettings(RatePolicy(DEFAULT_RATE_LIMIT_PER_MINUTE, DEFAULT_RATE_LIMIT_BURST)),
+        repr=False,
+    )
 
     def require_backends(self) -> tuple[str, ...]:
         if not self.backends:
@@ -139,7 +146,14 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             code="invalid_configuration",
         )
     sections = _backend_sections(get, token, model, allowed)
+    rate_limit_per_minute = _number(
+        "RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE"), DEFAULT_RATE_LIMIT_PER_MINUTE, 0, 100_000
+    )
+    rate_limit_burst = int(
+        _number("RATE_LIMIT_BURST", get("RATE_LIMIT_BURST"), DEFAULT_RATE_LIMIT_BURST, 1, 100_000, integer=True)
+    )
     return Settings(
+        state=load_state_settings(get, rate_limit_per_minute=rate_limit_per_minute, rate_limit_burst=rate_limit_burst),
         backends=_enabled_backends(get, sections),
         backend_settings=sections,
         hf_token=token,
@@ -178,12 +192,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         api_keys=_api_keys(get("API_KEYS"), required=auth_mode == "api-key"),
         auth_audience=_audience(auth_mode, get("AUTH_AUDIENCE"), get("FIREBASE_PROJECT_ID")),
         auth_certs_url=_http_url("AUTH_CERTS_URL", get("AUTH_CERTS_URL")) if get("AUTH_CERTS_URL") else None,
-        rate_limit_per_minute=_number(
-            "RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE"), DEFAULT_RATE_LIMIT_PER_MINUTE, 0, 100_000
-        ),
-        rate_limit_burst=int(
-            _number("RATE_LIMIT_BURST", get("RATE_LIMIT_BURST"), DEFAULT_RATE_LIMIT_BURST, 1, 100_000, integer=True)
-        ),
+        rate_limit_per_minute=rate_limit_per_minute,
+        rate_limit_burst=rate_limit_burst,
         trusted_proxy_hops=int(
             _number("TRUSTED_PROXY_HOPS", get("TRUSTED_PROXY_HOPS"), DEFAULT_TRUSTED_PROXY_HOPS, 0, 10, integer=True)
         ),

@@ -9,7 +9,7 @@ from __future__ import annotations
 ALLOWED_METHODS = "POST, OPTIONS"
 ALLOWED_HEADERS = "Content-Type, Authorization, X-API-Key"
 # Response headers a script may read besides the CORS-safelisted ones.
-EXPOSED_HEADERS = "Retry-After, X-Request-Id, Server-Timing"
+EXPOSED_HEADERS = "Retry-After, X-Request-Id, Server-Timing, RateLimit, RateLimit-Policy"
 PREFLIGHT_MAX_AGE_SECONDS = 3600
 
 

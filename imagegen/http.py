@@ -30,11 +30,11 @@ from imagegen.dispatch import Dispatcher
 from imagegen.errors import ConfigurationError, ImageGenError, MethodNotAllowed, PayloadTooLarge
 from imagegen.logs import get_logger, http_request_fields, trace_fields
 from imagegen.page import Page, render_page
-from imagegen.ratelimit import RateLimiter
 from imagegen.record import RequestRecord
 from imagegen.retry import Timing
 from imagegen.service import GenerationService, Produced
 from imagegen.slots import ImageSlots
+from imagegen.state import SharedState, make_state
 from imagegen.storage import ImageStore, make_store
 from imagegen.validation import check_content_type, parse_generation_request
 
@@ -50,7 +50,7 @@ class Handler:
         dispatcher: Dispatcher | None = None,
         store: ImageStore | None = None,
         authenticator: Authenticator | None = None,
-        limiter: RateLimiter | None = None,
+        state: SharedState | None = None,
         slots: ImageSlots | None = None,
         logger: logging.Logger | None = None,
         timing: Timing | None = None,
@@ -64,12 +64,7 @@ class Handler:
             if dispatcher is None:
                 dispatcher = Dispatcher(create_backends(settings, new_session()), settings.max_retries)
             self._service = GenerationService(
-                settings,
-                dispatcher,
-                store or make_store(settings),
-                limiter or RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst, timing.clock),
-                slots,
-                timing,
+                settings, dispatcher, store or make_store(settings), state or make_state(settings.state), slots, timing
             )
             self._authenticator = authenticator or make_authenticator(settings, new_session(pool_size=4))
             if settings.serve_page:
@@ -86,6 +81,7 @@ class Handler:
         allowed_origins = settings.cors_allowed_origins if settings else ("*",)
         origin = request.headers.get("Origin")
         response = self._route(request, record)
+        response.headers.update(record.headers)
         response.headers["X-Request-Id"] = record.request_id
         if request.method == "OPTIONS":
             response.headers.update(preflight_headers(origin, allowed_origins))

@@ -18,6 +18,7 @@ class RequestRecord:
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     phases: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> ms
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)  # added to the answer
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -15,24 +15,28 @@ from collections.abc import Callable
 from typing import Any
 
 from imagegen.backends.base import GenerationContext
-from imagegen.cache import SingleFlight, cached_image_name
+from imagegen.cache import cached_image_name
 from imagegen.config import Settings
 from imagegen.dispatch import Candidate, Dispatcher
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
-from imagegen.errors import StorageError, UpstreamTimeout
+from imagegen.errors import Cancelled, StorageError, UpstreamError, UpstreamTimeout
 from imagegen.events import ProgressSink, ignore_progress
 from imagegen.logs import prompt_fingerprint
 from imagegen.png_info import PngParts, embed_parameters, png_size, png_text
-from imagegen.ratelimit import RateLimiter
+from imagegen.ratelimit import RateLimited
 from imagegen.record import RequestRecord
 from imagegen.retry import Timing
 from imagegen.slots import ImageSlots
+from imagegen.state import SharedState, rate_limit_headers
 from imagegen.storage import ImageMetadata, ImageStore, image_name
 
 # Seeds the server picks stay below 2**31: some providers take only signed 32-bit seeds.
 MAX_CHOSEN_SEED = 2**31 - 1
 # Followers of an identical request in flight wait for it at most this much past its deadline.
 SINGLE_FLIGHT_GRACE_SECONDS = 30
+# How long a winner's claim on a seeded request holds across instances without renewal: it is
+# renewed while the image is made, and a waiter takes over this long after a winner died.
+SINGLE_FLIGHT_LEASE_SECONDS = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Produced:
     cached: bool = False
     ignored: tuple[str, ...] = ()
     warning: str | None = None
+    stored_name: str | None = None  # the store's name for it; None when storing failed
 
     @property
     def size(self) -> tuple[int | None, int | None]:
@@ -78,7 +83,7 @@ class GenerationService:
         settings: Settings,
         dispatcher: Dispatcher,
         store: ImageStore,
-        limiter: RateLimiter,
+        state: SharedState,
         slots: ImageSlots | None = None,
         timing: Timing | None = None,
         choose_seed: Callable[[], int] = lambda: secrets.randbelow(MAX_CHOSEN_SEED + 1),
@@ -86,11 +91,10 @@ class GenerationService:
         self._settings = settings
         self._dispatcher = dispatcher
         self._store = store
-        self._limiter = limiter
+        self._state = state
         self._slots = slots or ImageSlots()
         self._timing = timing or Timing()
         self._choose_seed = choose_seed
-        self._flights: SingleFlight[Produced] = SingleFlight()
 
     def generate(
         self,
@@ -113,8 +117,38 @@ class GenerationService:
             if hit is not None:
                 record.fields.update(_log_fields(hit))
                 return hit
-        # Counted only for requests that would reach a backend: the limit guards the spending.
-        self._limiter.take(caller)
+        # Counted only for requests that would reach a backend: the limits guard the spending.
+        self._take_rate(caller, record)
+        reservation = self._state.reserve(caller)
+        try:
+            produced = self._generate(generation, candidates, cache_names, record, progress, cancelled)
+        except (UpstreamError, Cancelled):
+            self._state.refund(reservation)  # nothing was paid for: the unit goes back
+            raise
+        if produced.cached:
+            self._state.refund(reservation)  # another request's image: this one cost nothing
+        record.fields.update(_log_fields(produced))
+        return produced
+
+    def _take_rate(self, caller: str, record: RequestRecord) -> None:
+        """The per-caller rate; its RateLimit headers go on the answer, refusals included."""
+        policy = self._settings.state.rate
+        try:
+            decision = self._state.take_rate(caller)
+        except RateLimited as error:
+            error.headers.update(rate_limit_headers(error.decision, policy))
+            raise
+        record.headers.update(rate_limit_headers(decision, policy))
+
+    def _generate(
+        self,
+        generation: GenerationRequest,
+        candidates: list[Candidate],
+        cache_names: list[tuple[str, str]],
+        record: RequestRecord,
+        progress: ProgressSink,
+        cancelled: threading.Event | None,
+    ) -> Produced:
         caller_seed = generation.seed
         if generation.seed is None:
             # Always send a seed, so that every answer's seed reproduces its image where it can.
@@ -127,22 +161,25 @@ class GenerationService:
             cancelled=cancelled or threading.Event(),
         )
         if not cache_names:
+            return self._produce(generation, caller_seed, context, record)
+
+        def produce() -> tuple[Produced, str | None]:
             produced = self._produce(generation, caller_seed, context, record)
-        else:
-            try:
-                produced, shared = self._flights.do(
-                    cache_names[0][1],
-                    lambda: self._produce(generation, caller_seed, context, record),
-                    timeout=self._settings.deadline_seconds + SINGLE_FLIGHT_GRACE_SECONDS,
-                )
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    "An identical request is still being generated and did not finish in time. Try again in a minute."
-                ) from None
-            if shared:
-                produced = dataclasses.replace(produced, cached=True)
-        record.fields.update(_log_fields(produced))
-        return produced
+            return produced, produced.stored_name
+
+        try:
+            produced, shared = self._state.single_flight(
+                cache_names[0][1],
+                produce,
+                lambda name: self._load(name, cache_names[0][0], generation.seed),
+                lease_seconds=SINGLE_FLIGHT_LEASE_SECONDS,
+                timeout=self._settings.deadline_seconds + SINGLE_FLIGHT_GRACE_SECONDS,
+            )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                "An identical request is still being generated and did not finish in time. Try again in a minute."
+            ) from None
+        return dataclasses.replace(produced, cached=True) if shared else produced
 
     def _cache_names(self, generation: GenerationRequest, candidates: list[Candidate]) -> list[tuple[str, str]]:
         """(backend, stored name) for each candidate whose seeds reproduce, in order."""
@@ -156,21 +193,27 @@ class GenerationService:
 
     def _cached(self, cache_names: list[tuple[str, str]], seed: int | None) -> Produced | None:
         for backend, name in cache_names:
-            hit = self._store.load(name)
-            if hit is None:
-                continue
-            png, file_path = hit
-            route = Route(
-                backend=png_text(png, "backend") or backend,
-                model=png_text(png, "model") or "",
-                provider=png_text(png, "provider"),
-            )
-            # The seed the backend reports using (Stability maps 0 to another) wins over the request's.
-            stored_seed = png_text(png, "seed")
-            if stored_seed and stored_seed.isascii() and stored_seed.isdigit() and len(stored_seed) <= 10:
-                seed = int(stored_seed)
-            return Produced(PngParts.of(png), route, seed, file_path, cached=True)
+            hit = self._load(name, backend, seed)
+            if hit is not None:
+                return hit
         return None
+
+    def _load(self, name: str, backend: str, seed: int | None) -> Produced | None:
+        """A stored image as an answer, with what made it read from its text chunks."""
+        hit = self._store.load(name)
+        if hit is None:
+            return None
+        png, file_path = hit
+        route = Route(
+            backend=png_text(png, "backend") or backend,
+            model=png_text(png, "model") or "",
+            provider=png_text(png, "provider"),
+        )
+        # The seed the backend reports using (Stability maps 0 to another) wins over the request's.
+        stored_seed = png_text(png, "seed")
+        if stored_seed and stored_seed.isascii() and stored_seed.isdigit() and len(stored_seed) <= 10:
+            seed = int(stored_seed)
+        return Produced(PngParts.of(png), route, seed, file_path, cached=True)
 
     def _produce(
         self,
@@ -205,7 +248,15 @@ class GenerationService:
             warnings.insert(0, f"The {image.route.backend} backend cannot use {', '.join(ignored)}: ignored.")
         for name_, ms in image.timings_ms.items():
             record.phases[name_] = ms
-        return Produced(png, image.route, image.seed, file_path, ignored=ignored, warning=" ".join(warnings) or None)
+        return Produced(
+            png,
+            image.route,
+            image.seed,
+            file_path,
+            ignored=ignored,
+            warning=" ".join(warnings) or None,
+            stored_name=name if file_path else None,
+        )
 
     def _name_for(self, generation: GenerationRequest, image: GeneratedImage, caller_seed: int | None) -> str:
         if caller_seed is not None and image.seed is not None and self._settings.cache:

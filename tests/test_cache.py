@@ -178,7 +178,7 @@ def test_identical_requests_in_flight_make_one_upstream_call(make_settings, rout
         thread.start()
     backend = handler._service._dispatcher.backends["huggingface"]
     key = cached_image_name(GenerationRequest(prompt="a red fox", width=256, height=256, seed=42), backend.identity(), MODEL)
-    wait_until(lambda: handler._service._flights.waiters(key) == 4, 10, "the identical requests to wait")
+    wait_until(lambda: handler._service._state._flights.waiters(key) == 4, 10, "the identical requests to wait")
     held.set()
     for thread in threads:
         thread.join(20)
@@ -216,7 +216,7 @@ def test_a_follower_that_waits_too_long_gets_a_504(make_settings, monkeypatch, m
 
     monkeypatch.setattr(imagegen.service, "SINGLE_FLIGHT_GRACE_SECONDS", 0)
     handler = Handler(make_settings(HF_DEADLINE_SECONDS="1", RATE_LIMIT_PER_MINUTE="0"))
-    monkeypatch.setattr(handler._service._flights, "do", lambda *a, **k: (_ for _ in ()).throw(TimeoutError()))
+    monkeypatch.setattr(handler._service._state._flights, "do", lambda *a, **k: (_ for _ in ()).throw(TimeoutError()))
     app = flask.Flask("t")
     app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])
     answer = app.test_client().post("/", json=SEEDED)
