@@ -28,3 +28,23 @@ class HuggingFaceClient:
             deadline=self.timing.clock() + self.settings.deadline_seconds, timing=self.timing, slot=slot
         )
         return self.dispatcher.generate(request, context, attempts)
+
+
+class BackendsClient:
+    """The backends named in BACKENDS, built by the registry, behind one dispatcher: what the
+    per-backend tests drive (failover across backends included)."""
+
+    def __init__(self, settings: Settings, session: requests.Session | None = None, timing: Timing | None = None) -> None:
+        from imagegen.backends.registry import create_backends
+
+        self.backends = create_backends(settings, session or new_session())
+        self.dispatcher = Dispatcher(self.backends, settings.max_retries)
+        self.timing = timing or Timing()
+        self.settings = settings
+
+    def generate(
+        self, request: GenerationRequest, attempts: list[Attempt] | None = None, deadline_seconds: float | None = None
+    ) -> GeneratedImage:
+        deadline = self.settings.deadline_seconds if deadline_seconds is None else deadline_seconds
+        context = GenerationContext(deadline=self.timing.clock() + deadline, timing=self.timing)
+        return self.dispatcher.generate(request, context, attempts)
