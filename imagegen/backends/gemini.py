@@ -34,7 +34,7 @@ VENDOR = Vendor(
     status_label="Gemini API status",
     key_advice=f"Check that GEMINI_API_KEY holds a valid Gemini API key ({KEY_URL}) whose project has the Gemini API enabled",
     credits_advice=(
-        "Image models need billing on the key's project (they have no free quota) and daily quotas reset at "
+        "Image models need billing on the key's project (they have little or no free quota) and daily quotas reset at "
         "midnight Pacific time: set up billing or check the quotas at https://aistudio.google.com/usage"
     ),
     url_variable="GEMINI_BASE_URL",
