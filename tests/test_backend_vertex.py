@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -43,13 +44,27 @@ def vertex() -> Iterator[FakeGemini]:
         yield server
 
 
-@pytest.fixture
-def key_file(vertex, tmp_path, monkeypatch) -> dict:
-    """A service-account key the stand-in knows, found by google-auth as ADC."""
-    path = tmp_path / "service-account.json"
-    info = vertex.make_service_account_key(path)
+@pytest.fixture(scope="module")
+def service_account(tmp_path_factory) -> dict:
+    """One RSA key for the module (making one takes ~0.4 s); each test writes its own key file."""
+    return fake_gemini.make_service_account_key(tmp_path_factory.mktemp("sa") / "key.json", "http://unused/token")
+
+
+def use_key_file(path: Path, monkeypatch, token_uri: str, register_with: FakeGemini | None = None, **changes) -> dict:
+    """Write a service-account key file for google-auth to find as ADC; the stand-in accepts
+    its JWTs only when it is registered there."""
+    info = {**changes.pop("info"), "token_uri": token_uri, **changes}
+    path.write_text(json.dumps(info))
+    if register_with is not None:
+        register_with.register_service_account(info)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
     return info
+
+
+@pytest.fixture
+def key_file(vertex, service_account, tmp_path, monkeypatch) -> dict:
+    """A key file whose token_uri is the stand-in's /token, known to the stand-in."""
+    return use_key_file(tmp_path / "service-account.json", monkeypatch, vertex.token_uri, vertex, info=service_account)
 
 
 @pytest.fixture
@@ -110,11 +125,10 @@ def test_one_token_serves_many_requests(client_for, vertex, key_file):
     assert [r.path for r in vertex.requests].count("/token") == 1
 
 
-def test_a_token_near_its_expiry_is_refreshed_before_use(make_settings, tmp_path, monkeypatch, clock):
+def test_a_token_near_its_expiry_is_refreshed_before_use(make_settings, service_account, tmp_path, monkeypatch, clock):
     """google-auth treats a token as stale a few minutes before it expires: a 60 s one at once."""
     with FakeGemini(GEMINI_KEY, project=PROJECT, token_lifetime=60) as server:
-        server.make_service_account_key(tmp_path / "key.json")
-        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+        use_key_file(tmp_path / "key.json", monkeypatch, server.token_uri, server, info=service_account)
         client = BackendsClient(make_settings(BACKENDS="vertex", VERTEX_PROJECT=PROJECT, VERTEX_BASE_URL=server.url),
                                 timing=clock.timing())
         client.generate(FOX)
@@ -185,6 +199,17 @@ def test_a_quota_project_is_sent_as_x_goog_user_project(client_for, vertex, key_
     assert vertex.calls()[0].header("x-goog-user-project") == "billing-project"
 
 
+def test_google_auth_loads_only_when_the_backend_is_used():
+    import subprocess
+    import sys
+
+    from tests.servers import REPO_ROOT
+
+    probe = "import sys, imagegen.backends.vertex; print('google.auth' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # -- credential problems -----------------------------------------------------------------------
 
 
@@ -196,11 +221,9 @@ def test_no_credentials_is_a_configuration_error_naming_what_to_set(client_for, 
     assert "GOOGLE_APPLICATION_CREDENTIALS" in caught.value.message and "roles/aiplatform.user" in caught.value.message
 
 
-def test_no_project_anywhere_names_vertex_project(client_for, vertex, tmp_path, monkeypatch):
-    info = vertex.make_service_account_key(tmp_path / "key.json")
-    del info["project_id"]
-    (tmp_path / "key.json").write_text(json.dumps(info))
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+def test_no_project_anywhere_names_vertex_project(client_for, vertex, service_account, tmp_path, monkeypatch):
+    info = {key: value for key, value in service_account.items() if key != "project_id"}
+    use_key_file(tmp_path / "key.json", monkeypatch, vertex.token_uri, vertex, info=info)
     with pytest.raises(ConfigurationError) as caught:
         client_for(VERTEX_PROJECT=None).generate(FOX)
     assert caught.value.code == "missing_api_key" and "VERTEX_PROJECT" in caught.value.message
@@ -212,18 +235,18 @@ def test_a_bad_location_is_named(client_for, key_file):
     assert caught.value.code == "invalid_configuration" and "VERTEX_LOCATION" in caught.value.message
 
 
-def test_a_refused_token_request_is_unauthorized_naming_the_role(client_for, vertex, tmp_path, monkeypatch):
-    fake_gemini.make_service_account_key(tmp_path / "stranger.json", vertex.token_uri)  # not registered
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "stranger.json"))
+def test_a_refused_token_request_is_unauthorized_naming_the_role(client_for, vertex, service_account, tmp_path,
+                                                                 monkeypatch):
+    use_key_file(tmp_path / "stranger.json", monkeypatch, vertex.token_uri, info=service_account)  # not registered
     error = failure(client_for(MAX_RETRIES="2"), vertex)
     assert (error.code, error.retryable, error.fail_over) == ("upstream_unauthorized", False, False)
     assert "roles/aiplatform.user" in error.message and "invalid_grant" in error.message
     assert vertex.tokens_issued == 0 and vertex.calls() == []
 
 
-def test_an_unreachable_token_service_is_unreachable_and_fails_over(make_settings, vertex, tmp_path, monkeypatch, clock):
-    fake_gemini.make_service_account_key(tmp_path / "key.json", f"http://127.0.0.1:{free_port()}/token")
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+def test_an_unreachable_token_service_is_unreachable_and_fails_over(make_settings, vertex, service_account, tmp_path,
+                                                                    monkeypatch, clock):
+    use_key_file(tmp_path / "key.json", monkeypatch, f"http://127.0.0.1:{free_port()}/token", info=service_account)
     client = BackendsClient(make_settings(BACKENDS="vertex,gemini", VERTEX_PROJECT=PROJECT, VERTEX_BASE_URL=vertex.url,
                                           GEMINI_API_KEY=GEMINI_KEY, GEMINI_BASE_URL=f"{vertex.url}/v1beta",
                                           MAX_RETRIES="0"), timing=clock.timing())

@@ -62,7 +62,10 @@ MAX_MODEL_TEXT_CHARS = 200
 # A 429 that waiting a minute will not cure: no free quota for the model ("limit: 0"), a daily
 # quota used up, or prepaid credit gone. Per-minute limits stay rate limits: Google words those
 # "check your plan and billing details" too, so that phrase alone says nothing.
-_OUT_OF_QUOTA = re.compile(r"limit: 0\b|prepay|credits? (?:are |is )?(?:depleted|exhausted)|billing (?:is )?(?:not enabled|disabled)|enable billing", re.I)
+_OUT_OF_QUOTA = re.compile(
+    r"limit: 0\b|prepay|credits? (?:are |is )?(?:depleted|exhausted)|billing (?:is )?(?:not enabled|disabled)|enable billing",
+    re.I,
+)
 _NOT_AN_IMAGE_MODEL = re.compile(r"response modalit", re.I)
 
 

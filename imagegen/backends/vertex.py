@@ -161,11 +161,12 @@ class AccessTokens:
                 code="upstream_unauthorized",
             ) from None
         except exceptions.TransportError as error:
-            if isinstance(error.__cause__, requests.Timeout):
-                raise self._exchange.timeout(call) from None
+            cause = error.__cause__
+            if isinstance(cause, requests.Timeout) and not isinstance(cause, requests.ConnectTimeout):
+                raise self._exchange.timeout(call) from None  # reached, but it did not answer in time
             raise call.error(
                 UpstreamError,
-                f"Could not reach Google's token service to get an access token ({type(error.__cause__ or error).__name__}). "
+                f"Could not reach Google's token service to get an access token ({type(cause or error).__name__}). "
                 "Check the server's network and GOOGLE_APPLICATION_CREDENTIALS, then try again",
                 code="upstream_unreachable",
                 retryable=True,
