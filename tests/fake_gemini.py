@@ -13,7 +13,8 @@
   `make_service_account_key()`), `aud` == `token_uri` or https://oauth2.googleapis.com/token
   (google-auth always signs the latter), `scope` with cloud-platform. Answers
   `{"access_token", "expires_in": token_lifetime, "token_type": "Bearer"}`; `tokens_issued`
-  counts them. Refusals are OAuth's `{"error", "error_description"}` (400).
+  counts them. Refusals are OAuth's `{"error", "error_description"}` (400). With
+  `hold_tokens` set, token requests wait for `release()` (a slow token service).
 - Body `{"contents": [...], "generationConfig": {"responseModalities", "imageConfig":
   {"aspectRatio", "imageSize"}}}`; unknown fields (e.g. `negativePrompt`) → 400 "Invalid JSON
   payload received. Unknown name ...". A model not in `models` → 404 NOT_FOUND.
@@ -149,6 +150,7 @@ class FakeGemini(StandIn):
         self.models = set(models)
         self.clock = clock  # swap it to expire tokens without waiting
         self.tokens_issued = 0
+        self.hold_tokens = False  # token requests wait for release(): a slow token service
         self._tokens: dict[str, float] = {}  # access token -> expiry (clock seconds)
         self._service_accounts: dict[str, dict[str, str]] = {}  # client_email -> {key id: public PEM}
         self._token_lock = threading.Lock()
@@ -242,6 +244,8 @@ class FakeGemini(StandIn):
                                                       "method": "google.cloud.aiplatform.v1.PredictionService.GenerateContent"}}]))
 
     def _token(self, request: ReceivedRequest, match, reply: Reply) -> Answer:
+        if self.hold_tokens:
+            self._wait(Reply(hold=True))
         form = {name: values[0] for name, values in parse_qs(request.body.decode()).items()}
 
         def refuse(error: str, description: str) -> Answer:

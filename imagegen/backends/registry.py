@@ -104,6 +104,9 @@ BACKENDS: Mapping[str, BackendSpec] = {
             _PLAIN_NAME,
             "gemini-2.5-flash-image",
             key_variables=(),
+            # No default here: without VERTEX_BASE_URL the backend derives it from VERTEX_LOCATION
+            # (https://aiplatform.googleapis.com for global, https://{location}-aiplatform... otherwise).
+            url_variable="VERTEX_BASE_URL",
             options=("VERTEX_PROJECT", "VERTEX_LOCATION", "GOOGLE_CLOUD_PROJECT"),
             option_defaults={"VERTEX_LOCATION": "global"},
             enabled_by="VERTEX_PROJECT",
