@@ -54,9 +54,11 @@ class BackendsClient:
         attempts: list[Attempt] | None = None,
         slot: Slot | None = None,
         progress=None,
+        deadline_seconds: float | None = None,
     ) -> GeneratedImage:
+        deadline = self.settings.deadline_seconds if deadline_seconds is None else deadline_seconds
         context = GenerationContext(
-            deadline=self.timing.clock() + self.settings.deadline_seconds,
+            deadline=self.timing.clock() + deadline,
             timing=self.timing,
             slot=slot,
             progress=progress or self.progress,
