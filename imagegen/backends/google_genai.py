@@ -12,7 +12,6 @@ Vertex AI v1 discovery document): see docs/backend-gemini.md.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 import re
@@ -20,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+import pybase64
 from imagegen.backends.base import Capabilities, GenerationContext
 from imagegen.backends.exchange import HttpExchange
 from imagegen.backends.sizes import nearest_aspect_ratio, requested_shape
@@ -198,7 +198,7 @@ def read_image(body: bytes, call: CallContext) -> bytes:
     if not isinstance(data, str):
         raise BadAnswer("an image part without data")
     try:
-        return ensure_png(base64.b64decode(data, validate=True))
+        return ensure_png(pybase64.b64decode(data, validate=True))
     except (binascii.Error, ValueError) as error:  # NotAnImage is a ValueError
         raise BadAnswer(str(error) if isinstance(error, NotAnImage) else "image data that is not base64") from None
 

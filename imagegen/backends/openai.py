@@ -14,12 +14,12 @@ API's default, `auto`, lets the model pick the shape that suits the prompt.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 from collections.abc import Mapping
 from typing import Any
 
+import pybase64
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
@@ -229,7 +229,7 @@ def _image_bytes(body: bytes) -> bytes:
     if not isinstance(encoded, str) or not encoded:
         raise BadAnswer("JSON without data[0].b64_json")
     try:
-        return base64.b64decode(encoded, validate=True)
+        return pybase64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise BadAnswer("data[0].b64_json that is not base64") from None
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import pybase64
 from imagegen.images import describe_non_image
 from imagegen.domain import GenerationRequest
 
@@ -95,6 +95,6 @@ def json_object(body: bytes) -> dict[str, Any]:
 def first_b64_image(answer: dict[str, Any]) -> ImageBytes:
     """`{"data": [{"b64_json": ...}]}`, the OpenAI-style shape several providers use."""
     try:
-        return ImageBytes(base64.b64decode(answer["data"][0]["b64_json"], validate=True))
+        return ImageBytes(pybase64.b64decode(answer["data"][0]["b64_json"], validate=True))
     except (KeyError, IndexError, TypeError, binascii.Error, ValueError):
         raise BadAnswer('JSON without "data"[0]["b64_json"]') from None
