@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pybase64
+
 from imagegen.backends.base import Capabilities, GenerationContext
 from imagegen.backends.exchange import HttpExchange
 from imagegen.backends.sizes import nearest_aspect_ratio, requested_shape

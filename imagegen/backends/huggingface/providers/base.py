@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pybase64
+
 from imagegen.images import describe_non_image
 from imagegen.domain import GenerationRequest
 
