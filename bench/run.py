@@ -34,6 +34,8 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.backends import BACKENDS, measure_backend, serve_this_image  # noqa: E402
+from bench.backends import measure_cold_start as measure_backend_cold_start  # noqa: E402
 from tests.fake_router import FakeRouter  # noqa: E402
 from tests.servers import BIN_DIR, free_port, wait_until  # noqa: E402
 
@@ -267,6 +269,14 @@ def main() -> None:
                 results.append((f"Peak RSS during those requests, {setting}", "<= 200 MB", f"{peak[0]:.0f} MB (PSS {peak[1]:.0f} MB)"))
             cold = measure_cold_start(router, tmp, rounds)
             results.append(("Cold start: process start to first 200 (local storage)", "<= 400 ms", f"{cold:.0f} ms"))
+            serve_this_image(png)
+            for bench in BACKENDS:
+                added, direct, through = measure_backend(
+                    bench, start_function, wait_ready, timed_post, tmp, rounds, 5 if args.quick else 10
+                )
+                results.append((f"Added latency, {bench.name} stand-in", "<= 5 ms", f"{added:.1f} ms ({direct:.1f} -> {through:.1f} ms)"))
+                cold = measure_backend_cold_start(bench, start_function, tmp, 3 if args.quick else 5, wait_until)
+                results.append((f"Cold start, {bench.name}", "<= 400 ms", f"{cold:.0f} ms"))
             miss, hit, calls = measure_cache(router, tmp, 5 if args.quick else 10)
             misses = 5 if args.quick else 10
             results.append(("Cache: seeded repeat answered from storage", "no upstream call", f"hit {hit:.1f} ms vs miss {miss:.1f} ms; {calls} upstream calls for {misses} misses + {3 * misses} hits"))
