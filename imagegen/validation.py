@@ -58,6 +58,7 @@ def parse_generation_request(body: bytes, settings: Settings) -> GenerationReque
             'The request body must be a JSON object such as {"prompt": "a red fox"}.',
             code="invalid_body",
         )
+    _reject_lone_surrogates(data)
     _reject_unknown_fields(data)
 
     prompt = data.get("prompt")
@@ -89,11 +90,45 @@ def parse_generation_request(body: bytes, settings: Settings) -> GenerationReque
     )
 
 
+def _reject_lone_surrogates(data: dict[str, Any]) -> None:
+    """JSON may spell half a UTF-16 pair ("\\ud800", or raw bytes ED A0 80) and Python's json
+    takes it, but no UTF-8 text holds one: not the answer, not a log line, not the PNG's text
+    chunk. Refused here, before anything is spent on the request."""
+    for name, value in data.items():
+        if not _is_unicode(name):
+            shown = _escaped(name)[:64]
+            raise InvalidRequest(
+                f'The field name "{shown}" is not valid Unicode text (it holds a lone UTF-16 surrogate).',
+                code="invalid_field",
+                field=shown,
+            )
+        if isinstance(value, str) and not _is_unicode(value):
+            raise InvalidRequest(
+                f'The field "{name}" must be valid Unicode text: it holds a lone UTF-16 surrogate '
+                f"(such as \\ud800) that is not part of a pair.",
+                code="invalid_field",
+                field=name[:64],
+            )
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(text: str) -> str:
+    """`text` with anything UTF-8 cannot hold written as a backslash escape: safe to echo."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _reject_unknown_fields(data: dict[str, Any]) -> None:
     unknown = [name for name in data if name not in KNOWN_FIELDS]
     if not unknown:
         return
-    name = unknown[0]
+    name = _escaped(unknown[0])
     hint = _closest_field(name)
     suggestion = f' Did you mean "{hint}"?' if hint else ""
     raise InvalidRequest(
@@ -186,7 +221,7 @@ def _allowed_choice(
         raise _invalid(name, f"a {name} name string", value)
     if value not in allowed:
         raise InvalidRequest(
-            f'The {name} "{value[:100]}" is not allowed here. Allowed: {", ".join(allowed)} '
+            f'The {name} "{_escaped(value[:100])}" is not allowed here. Allowed: {", ".join(allowed)} '
             f"(the server's {setting} setting).",
             code=code,
             field=name,
