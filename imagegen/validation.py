@@ -157,8 +157,12 @@ def _invalid(name: str, expected: str, value: Any) -> InvalidRequest:
 
 
 def _is_integer(value: Any) -> bool:
-    # JSON true/false arrive as bool, which Python counts as int.
-    return isinstance(value, int) and not isinstance(value, bool)
+    # JSON true/false arrive as bool, which Python counts as int. Whole numbers written as
+    # floats (61.0, 7e2: Python, JavaScript's JSON.stringify of a computed value, some encoders)
+    # are integers too; 61.5, NaN and Infinity are not.
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
 def _text(data: dict[str, Any], name: str, max_chars: int) -> str:

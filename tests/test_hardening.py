@@ -101,3 +101,24 @@ def test_a_log_line_with_a_lone_surrogate_is_still_written_as_json(capsys):
     get_logger().log(logging.WARNING, "odd %s", "\udc80", extra={"fields": {"x": "\ud800"}})
     line = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert line["message"] == "odd \udc80" and line["x"] == "\ud800"
+
+
+# --- 14. whole numbers written as floats ------------------------------------------------------
+
+
+def test_whole_numbers_written_as_floats_are_integers(make_settings):
+    body = b'{"prompt": "x", "steps": 61.0, "height": 728.0, "width": 7.68e2, "seed": 4294967295.0}'
+    request = parse_generation_request(body, make_settings())
+    assert (request.steps, request.height, request.width, request.seed) == (61, 728, 768, 4294967295)
+    assert all(type(value) is int for value in (request.steps, request.height, request.width, request.seed))
+
+
+@pytest.mark.parametrize(
+    "field, raw",
+    [("steps", "61.5"), ("steps", "NaN"), ("steps", "Infinity"), ("steps", "-Infinity"), ("steps", "true"),
+     ("seed", "1e300"), ("seed", "4294967296.0"), ("height", "730.0"), ("width", "2056.0"), ("steps", "0.0")],
+)
+def test_other_floats_stay_refused_for_integer_fields(make_settings, field, raw):
+    with pytest.raises(InvalidRequest) as caught:
+        parse_generation_request(f'{{"prompt": "x", "{field}": {raw}}}'.encode(), make_settings())
+    assert caught.value.field == field
