@@ -8,7 +8,7 @@ header that lies about the size, where Pillow's verify() checks only CRCs and re
 hundreds of milliseconds. It is not free: about 14 ms for the bench's 1024x1024 RGB PNG on the
 2-core development VM, nearly all of it zlib inflating 3 MB (the CRCs take under 1 ms); zlib
 releases the GIL meanwhile. Row filter bytes are not checked. Pillow only converts the JPEG or
-WebP answers some providers give.
+WebP answers some providers give, and reads their size before decoding them.
 """
 
 from __future__ import annotations
@@ -164,8 +164,20 @@ def ensure_png(data: bytes) -> bytes:
 
     try:
         with Image.open(io.BytesIO(data)) as image:
+            # The header's size is known before any pixel is decoded: a 30000x30000 JPEG of a
+            # few kilobytes would otherwise take gigabytes to decode.
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise NotAnImage(
+                    f"a {kind.upper()} of {width}x{height} pixels, more than the"
+                    f" {MAX_IMAGE_PIXELS // 2**20} megapixels accepted"
+                )
             image.load()
             converted = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    except NotAnImage:
+        raise
+    except Image.DecompressionBombError:  # Pillow's own limit, checked when it opens the file
+        raise NotAnImage(f"a {kind.upper()} larger than the {MAX_IMAGE_PIXELS // 2**20} megapixels accepted") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise NotAnImage(f"a {kind.upper()} that cannot be decoded ({error})") from None
     out = io.BytesIO()

@@ -363,13 +363,39 @@ def test_image_data_chunks_must_be_consecutive():
         check_png(split)
 
 
+# --- 6. an upstream JPEG claiming a huge size --------------------------------------------------
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small real JPEG whose SOF0 header says width x height: a few KB that would decode to GBs."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), "teal").save(out, format="JPEG")
+    data = bytearray(out.getvalue())
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("side", [30000, 9000])  # past Pillow's own bomb limit, and past ours only
+def test_a_jpeg_claiming_a_huge_size_is_not_an_image(side):
+    with pytest.raises(NotAnImage, match="JPEG .*32 megapixels accepted"):
+        ensure_png(jpeg_claiming(side, side))
+
+
+def test_pillows_own_bomb_error_is_not_an_image(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow's check fires first at 2x this
+    with pytest.raises(NotAnImage, match="JPEG larger than"):
+        ensure_png(jpeg_claiming(300, 300))
+
+
 @pytest.mark.parametrize(
     "body",
     [
         flip(make_png(64, 64), b"IDAT", 40),
         recrc(make_png(64, 64), b"IHDR", lambda d: struct.pack(">II", 60000, 60000) + d[8:]),
+        jpeg_claiming(30000, 30000),
     ],
-    ids=["flipped-idat", "60000x60000-ihdr"],
+    ids=["flipped-idat", "60000x60000-ihdr", "30000x30000-jpeg"],
 )
 def test_a_broken_upstream_image_is_a_502_not_a_success_or_a_500(make_app, body):
     with responses.RequestsMock() as mocked:
