@@ -30,7 +30,12 @@ DEFAULT_MAPPING_TTL_SECONDS = 600.0
 AUTH_MODES = ("none", "api-key", "firebase", "google")
 DEFAULT_RATE_LIMIT_PER_MINUTE = 10
 DEFAULT_RATE_LIMIT_BURST = 10
-DEFAULT_TRUSTED_PROXY_HOPS = 1
+# Cloud Run (and so Cloud Functions gen2) sets K_SERVICE, and its front end appends the address
+# it saw to X-Forwarded-For: one hop to trust. Anywhere else (./scripts/run-local, a container
+# of one's own) nothing may be in front, and trusting a hop would let any caller write the
+# address the rate limit counts: none then, unless TRUSTED_PROXY_HOPS says otherwise.
+DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN = 1
+DEFAULT_TRUSTED_PROXY_HOPS_ELSEWHERE = 0
 MIN_API_KEY_CHARS = 16
 KNOWN_PROVIDERS = ("auto", "hf-inference", "fal-ai", "replicate", "together", "nscale", "wavespeed")
 DEFAULT_IMAGE_DIR = "/tmp/imagegen"
@@ -90,7 +95,7 @@ class Settings:
     auth_certs_url: str | None = None
     rate_limit_per_minute: float = DEFAULT_RATE_LIMIT_PER_MINUTE
     rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
-    trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS
+    trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN  # as deployed; see load_settings
     log_prompts: bool = False
     gcp_project: str | None = None
     cache: bool = True
@@ -182,7 +187,14 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             _number("RATE_LIMIT_BURST", get("RATE_LIMIT_BURST"), DEFAULT_RATE_LIMIT_BURST, 1, 100_000, integer=True)
         ),
         trusted_proxy_hops=int(
-            _number("TRUSTED_PROXY_HOPS", get("TRUSTED_PROXY_HOPS"), DEFAULT_TRUSTED_PROXY_HOPS, 0, 10, integer=True)
+            _number(
+                "TRUSTED_PROXY_HOPS",
+                get("TRUSTED_PROXY_HOPS"),
+                DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN if environ.get("K_SERVICE", "").strip() else DEFAULT_TRUSTED_PROXY_HOPS_ELSEWHERE,
+                0,
+                10,
+                integer=True,
+            )
         ),
         log_prompts=_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),

@@ -402,3 +402,38 @@ def test_a_broken_upstream_image_is_a_502_not_a_success_or_a_500(make_app, body)
         mocked.post(URL, body=body, content_type="image/jpeg" if body.startswith(b"\xff\xd8") else "image/png")
         answer = make_app().post("/api/generate-image", json={"prompt": "x"})
     assert answer.status_code == 502 and answer.get_json()["code"] == "upstream_bad_response"
+
+
+# --- 13. X-Forwarded-For is believed only where a proxy appends to it --------------------------
+
+from imagegen.config import load_settings  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "env, hops",
+    [
+        ({}, 0),  # run locally or in a container of one's own: nothing in front
+        ({"K_SERVICE": "imagegen"}, 1),  # Cloud Run / Cloud Functions gen2: its front end appends
+        ({"K_SERVICE": "imagegen", "TRUSTED_PROXY_HOPS": "2"}, 2),  # an explicit value wins
+        ({"TRUSTED_PROXY_HOPS": "1"}, 1),
+        ({"K_SERVICE": "imagegen", "TRUSTED_PROXY_HOPS": "0"}, 0),
+    ],
+)
+def test_trusted_proxy_hops_default_follows_where_it_runs(env, hops):
+    assert load_settings(env).trusted_proxy_hops == hops
+
+
+def test_locally_a_spoofed_forwarded_for_does_not_reset_the_rate_limit(make_app, mocked):
+    app = make_app(RATE_LIMIT_PER_MINUTE="1", RATE_LIMIT_BURST="2")
+    statuses = [
+        app.post("/", json={"prompt": "x"}, headers={"X-Forwarded-For": f"198.51.100.{n}"}).status_code for n in range(5)
+    ]
+    assert statuses == [200, 200, 429, 429, 429]
+
+
+def test_on_cloud_run_each_forwarded_caller_has_its_own_limit(make_app, mocked):
+    app = make_app(RATE_LIMIT_PER_MINUTE="1", RATE_LIMIT_BURST="2", K_SERVICE="imagegen")
+    statuses = [
+        app.post("/", json={"prompt": "x"}, headers={"X-Forwarded-For": f"198.51.100.{n}"}).status_code for n in range(5)
+    ]
+    assert statuses == [200] * 5
