@@ -437,3 +437,47 @@ def test_on_cloud_run_each_forwarded_caller_has_its_own_limit(make_app, mocked):
         app.post("/", json={"prompt": "x"}, headers={"X-Forwarded-For": f"198.51.100.{n}"}).status_code for n in range(5)
     ]
     assert statuses == [200] * 5
+
+
+# --- the rate limiter's clean-up is O(1) amortised --------------------------------------------
+
+from collections import OrderedDict  # noqa: E402
+
+import imagegen.ratelimit  # noqa: E402
+from imagegen.ratelimit import RateLimiter  # noqa: E402
+
+
+class CountingBuckets(OrderedDict):
+    """Counts the buckets any clean-up looks at."""
+
+    looked_at = 0
+
+    def items(self):
+        for item in super().items():
+            CountingBuckets.looked_at += 1
+            yield item
+
+
+def test_forgetting_idle_callers_looks_at_few_buckets_per_call(monkeypatch):
+    monkeypatch.setattr(imagegen.ratelimit, "MAX_TRACKED_CALLERS", 100)
+    limiter = RateLimiter(per_minute=60, burst=1, clock=lambda: 0.0)
+    limiter._buckets = CountingBuckets()
+    CountingBuckets.looked_at = 0
+    for caller in range(2000):  # all active at once: none may be forgotten, none need a look
+        limiter.take(f"c{caller}")
+    assert len(limiter._buckets) == 2000
+    assert CountingBuckets.looked_at <= 2 * 2000  # a scan per call would be about 2 million
+
+
+def test_idle_callers_are_forgotten_least_recently_used_first(monkeypatch):
+    monkeypatch.setattr(imagegen.ratelimit, "MAX_TRACKED_CALLERS", 5)
+    now = [0.0]
+    limiter = RateLimiter(per_minute=60, burst=1, clock=lambda: now[0])  # a bucket is full after 1 s
+    for caller, at in (("a", 0.0), ("b", 0.5), ("c", 1.0), ("a", 1.2), ("d", 1.3), ("e", 1.4), ("f", 1.6)):
+        now[0] = at
+        limiter.take(caller)
+    # b was idle for 1.1 s; a was used again at 1.2 s, so it sits behind c now.
+    assert list(limiter._buckets) == ["c", "a", "d", "e", "f"]
+    now[0] = 10.0
+    limiter.take("g")
+    assert list(limiter._buckets) == ["g"]
