@@ -481,3 +481,65 @@ def test_idle_callers_are_forgotten_least_recently_used_first(monkeypatch):
     now[0] = 10.0
     limiter.take("g")
     assert list(limiter._buckets) == ["g"]
+
+
+# --- the real server, over raw sockets -------------------------------------------------------
+
+import socket  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+from tests.conftest import TEST_TOKEN  # noqa: E402
+
+
+def raw_exchange(url: str, request: bytes, half_close: bool = False, timeout: float = 10) -> tuple[int, dict, bytes]:
+    """Send bytes as they are, read the answer to the end: (status, lower-cased headers, body)."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((name.strip().lower(), value.strip()) for name, _, value in (line.partition(":") for line in lines[1:]))
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.fixture
+def function(run_function, router, tmp_path):
+    return run_function(
+        HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, IMAGE_DIR=str(tmp_path / "images"), HF_MAX_RETRIES="0"
+    )
+
+
+CHUNKED_HEAD = (
+    b"POST /api/generate-image HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"zz\r\nabc\r\n0\r\n\r\n",  # a chunk size that is not hex
+        b"3\r\nabcXX0\r\n\r\n",  # a chunk without its CRLF
+        b"3;a\rb\r\nabc\r\n0\r\n\r\n",  # a bare CR in a chunk extension
+        b'10\r\n{"prompt": "x"',  # the connection ends inside a chunk
+    ],
+    ids=["size-zz", "no-terminator", "bad-extension", "ends-early"],
+)
+def test_a_malformed_chunked_body_is_a_400(function, router, body):
+    status, headers, answer = raw_exchange(function.url, CHUNKED_HEAD + body, half_close=True)
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert json.loads(answer)["code"] == "invalid_body"
+    assert not router.requests
+    assert "Traceback" not in function.log()
+
+
+def test_a_well_formed_chunked_body_still_works(function):
+    body = json.dumps({"prompt": "a red fox"}).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    status, _, answer = raw_exchange(function.url, CHUNKED_HEAD + chunked)
+    assert status == 200 and json.loads(answer)["success"] is True
