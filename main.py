@@ -6,8 +6,11 @@ import functions_framework
 
 from imagegen.http import build_handler
 from imagegen.malloc import limit_malloc_arenas
+from imagegen.serving import json_error_pages
 
 limit_malloc_arenas(os.environ)
+# What the server stack answers outside the handler: JSON, not HTML (see imagegen/serving.py).
+json_error_pages(functions_framework.errorhandler)
 _handler = build_handler(os.environ)
 
 

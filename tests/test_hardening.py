@@ -543,3 +543,37 @@ def test_a_well_formed_chunked_body_still_works(function):
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     status, _, answer = raw_exchange(function.url, CHUNKED_HEAD + chunked)
     assert status == 200 and json.loads(answer)["success"] is True
+
+
+# --- 11. the framework's own answers are JSON ----------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "HEAD", "DELETE"])
+@pytest.mark.parametrize("path", ["/robots.txt", "/favicon.ico"])
+def test_the_frameworks_own_paths_answer_json(make_app, method, path):
+    answer = make_app().open(path, method=method)
+    assert answer.status_code == 404 and answer.mimetype == "application/json"
+    if method != "HEAD":
+        payload = answer.get_json()
+        assert payload["success"] is False and payload["code"] == "not_found"
+        assert payload["requestId"] == answer.headers["X-Request-Id"]
+
+
+def test_a_crash_outside_the_handler_is_a_json_500_that_keeps_the_crash_marker(make_app, monkeypatch):
+    import imagegen.http
+
+    def broken_log(*args, **kwargs):
+        raise RuntimeError("a bug in the log line, with a secret: " + TEST_TOKEN)
+
+    monkeypatch.setattr(imagegen.http.Handler, "_log", broken_log)
+    answer = make_app().get("/openapi.yaml")
+    assert answer.status_code == 500 and answer.mimetype == "application/json"
+    assert answer.get_json()["code"] == "internal_error" and TEST_TOKEN not in answer.get_data(as_text=True)
+    assert answer.headers["X-Google-Status"] == "crash"
+
+
+def test_the_real_server_answers_robots_txt_as_json(function):
+    status, headers, body = raw_exchange(function.url, b"GET /robots.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 404 and headers["content-type"] == "application/json"
+    assert json.loads(body)["code"] == "not_found"
+
