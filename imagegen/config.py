@@ -38,6 +38,8 @@ DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN = 1
 DEFAULT_TRUSTED_PROXY_HOPS_ELSEWHERE = 0
 MIN_API_KEY_CHARS = 16
 KNOWN_PROVIDERS = ("auto", "hf-inference", "fal-ai", "replicate", "together", "nscale", "wavespeed")
+# How long a client may take to send a request's head (line and headers) once it started.
+DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS = 10.0
 DEFAULT_IMAGE_DIR = "/tmp/imagegen"
 DEFAULT_IMAGE_DIR_MAX_FILES = 200
 DEFAULT_IMAGE_PREFIX = "images/"
@@ -97,6 +99,7 @@ class Settings:
     rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
     trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN  # as deployed; see load_settings
     log_prompts: bool = False
+    request_head_timeout_seconds: float = DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
     gcp_project: str | None = None
     cache: bool = True
 
@@ -197,6 +200,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             )
         ),
         log_prompts=_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
+        request_head_timeout_seconds=request_head_timeout_seconds(environ),
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),
         cache=_boolean("CACHE", get("CACHE"), default=True),
         serve_page=_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
@@ -211,6 +215,12 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             )
         ),
     )
+
+
+def request_head_timeout_seconds(environ: Mapping[str, str]) -> float:
+    """REQUEST_HEAD_TIMEOUT_SECONDS, which main.py needs before the settings exist (gunicorn)."""
+    raw = environ.get("REQUEST_HEAD_TIMEOUT_SECONDS", "").strip() or None
+    return _number("REQUEST_HEAD_TIMEOUT_SECONDS", raw, DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS, 1, 300)
 
 
 def _invalid(name: str, value: str, expected: str) -> ConfigurationError:

@@ -577,3 +577,35 @@ def test_the_real_server_answers_robots_txt_as_json(function):
     assert status == 404 and headers["content-type"] == "application/json"
     assert json.loads(body)["code"] == "not_found"
 
+
+# --- 12. a client that sends part of a request head and stops ----------------------------------
+
+import time  # noqa: E402
+
+
+def test_stalled_request_heads_do_not_stop_the_instance(run_function, router, tmp_path):
+    threads = 2
+    function = run_function(
+        HUGGING_FACE_API_KEY=TEST_TOKEN,
+        HF_ROUTER_URL=router.url,
+        IMAGE_DIR=str(tmp_path / "images"),
+        THREADS=str(threads),
+        REQUEST_HEAD_TIMEOUT_SECONDS="1",
+    )
+    parts = urlsplit(function.url)
+    stalled = []
+    try:
+        for _ in range(3 * threads):  # every thread taken, three times over
+            sock = socket.create_connection((parts.hostname, parts.port), timeout=5)
+            sock.sendall(b"P")  # one byte of "POST ...", then nothing
+            stalled.append(sock)
+        started = time.monotonic()
+        status, _, _ = raw_exchange(function.url, b"OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=15)
+        took = time.monotonic() - started
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert status == 204
+    # Three rounds of 1 s head timeouts, plus slack for a loaded machine: seconds, not forever.
+    assert took < 8, took
+    assert "Traceback" not in function.log()
