@@ -703,3 +703,36 @@ def test_a_local_write_failure_does_not_show_the_directory(tmp_path):
         LocalImageStore(blocker, 3).save(PngParts.of(make_png()), "n", METADATA)
     assert str(tmp_path) not in str(caught.value) and "IMAGE_DIR" in str(caught.value)
 
+
+
+# --- elsewhere: the certificate cache's max-age is untrusted text too ----------------------------
+
+from imagegen.auth import MAX_CERTS_MAX_AGE_SECONDS, CachingCertsRequest  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "cache_control, kept_for",
+    [
+        ("public, max-age=21600", 21600),
+        ("max-age=" + "9" * 400, 3600),  # more digits than any age: ignored, as if absent
+        ("max-age=99999999", MAX_CERTS_MAX_AGE_SECONDS),
+        ("max-age=٣٦٠٠", 3600),  # Arabic-Indic digits: \d matched them
+        ("no-cache", 3600),
+    ],
+)
+def test_a_certificate_answers_max_age_is_bounded(cache_control, kept_for):
+    import types
+
+    import requests as requests_library
+
+    now = [1000.0]
+    fetches = []
+    transport = CachingCertsRequest(requests_library.Session(), clock=lambda: now[0])
+    answer = types.SimpleNamespace(status=200, headers={"Cache-Control": cache_control}, data=b"{}")
+    transport._inner = lambda *args, **kwargs: fetches.append(1) or answer
+    assert transport("https://certs.example/") is answer
+    now[0] += kept_for - 1
+    transport("https://certs.example/")
+    now[0] += 2
+    transport("https://certs.example/")
+    assert len(fetches) == 2  # kept for exactly `kept_for` seconds, then fetched again
