@@ -736,3 +736,32 @@ def test_a_certificate_answers_max_age_is_bounded(cache_control, kept_for):
     now[0] += 2
     transport("https://certs.example/")
     assert len(fetches) == 2  # kept for exactly `kept_for` seconds, then fetched again
+
+
+# --- elsewhere: what runs after the upstream was paid must not raise on odd text --------------
+
+from imagegen.cache import cache_key  # noqa: E402
+from imagegen.png_info import embed_parameters, png_text  # noqa: E402
+from imagegen.validation import GenerationRequest  # noqa: E402
+
+
+def test_embedding_parameters_never_raises_on_text_utf8_cannot_hold():
+    # Validation refuses such a prompt now; the embedding must not depend on that.
+    generation = GenerationRequest(prompt="a \ud800 fox 東京", model=MODEL, seed=1)
+    png = embed_parameters(make_png(), generation, "hf-inference").tobytes()
+    check_png(png)
+    assert pillow_reads(png)
+    assert cache_key(generation)  # and the cache key is computed too
+
+
+def test_the_cache_key_of_valid_text_is_unchanged():
+    # Stored images are found by this key: for any valid text it must stay what it was.
+    import hashlib
+
+    generation = GenerationRequest(prompt="a red fox, 東京 🦊", model=MODEL, negative_prompt="blurry", seed=42)
+    recipe = {
+        "v": 1, "provider": "hf-inference", "model": MODEL, "prompt": generation.prompt, "negativePrompt": "blurry",
+        "width": None, "height": None, "steps": None, "guidanceScale": None, "seed": 42,
+    }
+    canonical = json.dumps(recipe, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert cache_key(generation) == hashlib.sha256(canonical.encode()).hexdigest()[:40]
