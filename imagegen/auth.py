@@ -27,6 +27,8 @@ GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
 GOOGLE_ISSUERS = ("accounts.google.com", "https://accounts.google.com")
 CLOCK_SKEW_SECONDS = 10
 DEFAULT_CERTS_MAX_AGE_SECONDS = 3600
+# Google rotates its signing keys daily; a certificate answer is never kept longer than that.
+MAX_CERTS_MAX_AGE_SECONDS = 86_400
 CERTS_TIMEOUT_SECONDS = 10
 REALM = 'Bearer realm="imagegen"'
 
@@ -133,8 +135,10 @@ class CachingCertsRequest:
             return cached[1]
         response = self._inner(url, method=method, body=body, headers=headers, timeout=timeout or CERTS_TIMEOUT_SECONDS, **kwargs)
         if method == "GET" and response.status == 200:
-            match = re.search(r"max-age=(\d+)", response.headers.get("Cache-Control", ""))
-            max_age = int(match.group(1)) if match else DEFAULT_CERTS_MAX_AGE_SECONDS
+            # Untrusted text like any header: ASCII digits of bounded length (\d takes any
+            # script's digits, and thousands of them overflow `now + max_age`), clamped.
+            match = re.search(r"max-age=([0-9]{1,10})\b", response.headers.get("Cache-Control", "")[:1024])
+            max_age = min(int(match.group(1)), MAX_CERTS_MAX_AGE_SECONDS) if match else DEFAULT_CERTS_MAX_AGE_SECONDS
             with self._lock:
                 self._cache[url] = (now + max_age, response)
         return response

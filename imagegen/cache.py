@@ -45,7 +45,8 @@ def cache_key(generation: GenerationRequest, backend_identity: str, model: str) 
         "seed": generation.seed,
     }
     canonical = json.dumps(recipe, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:40]
+    # surrogatepass: the same bytes as UTF-8 for any valid text, and no exception for the rest.
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
 def cached_image_name(generation: GenerationRequest, backend_identity: str, model: str) -> str:

@@ -32,9 +32,16 @@ DEFAULT_MAPPING_TTL_SECONDS = 600.0
 AUTH_MODES = ("none", "api-key", "firebase", "google")
 DEFAULT_RATE_LIMIT_PER_MINUTE = 10
 DEFAULT_RATE_LIMIT_BURST = 10
-DEFAULT_TRUSTED_PROXY_HOPS = 1
+# Cloud Run (and so Cloud Functions gen2) sets K_SERVICE, and its front end appends the address
+# it saw to X-Forwarded-For: one hop to trust. Anywhere else (./scripts/run-local, a container
+# of one's own) nothing may be in front, and trusting a hop would let any caller write the
+# address the rate limit counts: none then, unless TRUSTED_PROXY_HOPS says otherwise.
+DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN = 1
+DEFAULT_TRUSTED_PROXY_HOPS_ELSEWHERE = 0
 MIN_API_KEY_CHARS = 16
 KNOWN_PROVIDERS = ("auto", "hf-inference", "fal-ai", "replicate", "together", "nscale", "wavespeed")
+# How long a client may take to send a request's head (line and headers) once it started.
+DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS = 10.0
 DEFAULT_IMAGE_DIR = "/tmp/imagegen"
 DEFAULT_IMAGE_DIR_MAX_FILES = 200
 DEFAULT_IMAGE_PREFIX = "images/"
@@ -92,8 +99,9 @@ class Settings:
     auth_certs_url: str | None = None
     rate_limit_per_minute: float = DEFAULT_RATE_LIMIT_PER_MINUTE
     rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
-    trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS
+    trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN  # as deployed; see load_settings
     log_prompts: bool = False
+    request_head_timeout_seconds: float = DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
     gcp_project: str | None = None
     cache: bool = True
     # The enabled backends in failover order, and every backend's section (enabled or not).
@@ -195,9 +203,17 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         rate_limit_per_minute=rate_limit_per_minute,
         rate_limit_burst=rate_limit_burst,
         trusted_proxy_hops=int(
-            _number("TRUSTED_PROXY_HOPS", get("TRUSTED_PROXY_HOPS"), DEFAULT_TRUSTED_PROXY_HOPS, 0, 10, integer=True)
+            _number(
+                "TRUSTED_PROXY_HOPS",
+                get("TRUSTED_PROXY_HOPS"),
+                DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN if environ.get("K_SERVICE", "").strip() else DEFAULT_TRUSTED_PROXY_HOPS_ELSEWHERE,
+                0,
+                10,
+                integer=True,
+            )
         ),
         log_prompts=_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
+        request_head_timeout_seconds=request_head_timeout_seconds(environ),
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),
         cache=_boolean("CACHE", get("CACHE"), default=True),
         serve_page=_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
@@ -285,6 +301,12 @@ def _enabled_backends(get: Callable[[str], str | None], sections: Mapping[str, B
         return configured
     fallbacks = tuple(name for name, spec in BACKENDS.items() if spec.fallback)
     return fallbacks if local_model_installed() else ()
+
+
+def request_head_timeout_seconds(environ: Mapping[str, str]) -> float:
+    """REQUEST_HEAD_TIMEOUT_SECONDS, which main.py needs before the settings exist (gunicorn)."""
+    raw = environ.get("REQUEST_HEAD_TIMEOUT_SECONDS", "").strip() or None
+    return _number("REQUEST_HEAD_TIMEOUT_SECONDS", raw, DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS, 1, 300)
 
 
 def _invalid(name: str, value: str, expected: str) -> ConfigurationError:

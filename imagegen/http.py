@@ -89,7 +89,10 @@ class Handler:
             response.headers.update(cors_headers(origin, allowed_origins))
         if request.method == "POST":
             response.headers["Server-Timing"] = record.server_timing()
-        self._log(request, response, record, settings)
+        try:
+            self._log(request, response, record, settings)
+        except Exception:  # the answer is ready (maybe a paid image): its log line must not cost it
+            pass
         return response
 
     def _route(self, request: flask.Request, record: RequestRecord) -> flask.Response:
@@ -167,7 +170,7 @@ class Handler:
             fields["timingsMs"] = {**record.phases, "total": record.total_ms()}
         if record.attempts:
             fields["attempts"] = [dataclasses.asdict(attempt) for attempt in record.attempts]
-        hops = settings.trusted_proxy_hops if settings else 1
+        hops = settings.trusted_proxy_hops if settings else 0  # unknown: trust no forwarded entry
         entry: dict[str, Any] = {
             "requestId": record.request_id,
             "httpRequest": http_request_fields(
@@ -205,13 +208,13 @@ def build_handler(environ: Mapping[str, str]) -> Handler:
 def _read_body(request: flask.Request) -> bytes:
     declared = request.content_length
     if declared is None or declared <= MAX_BODY_BYTES:
-        body = request.stream.read(MAX_BODY_BYTES + 1)
+        body = _read_piece(request.stream, MAX_BODY_BYTES + 1)
         if len(body) <= MAX_BODY_BYTES:
             return body
     # Drain what is left in small pieces: the framework reads any unread body into memory
     # after we answer, and the connection stays usable for the browser's next request.
     drained = 0
-    while drained < MAX_DRAIN_BYTES and (chunk := request.stream.read(64 * 1024)):
+    while drained < MAX_DRAIN_BYTES and (chunk := _read_piece(request.stream, 64 * 1024)):
         drained += len(chunk)
     raise PayloadTooLarge(
         f"The request body is larger than {MAX_BODY_BYTES // 1024} KiB. Send only the prompt and options."
@@ -268,3 +271,29 @@ def _response(status: int, body: bytes | Iterator[bytes], headers: Mapping[str, 
     response.headers.update(COMMON_HEADERS)
     response.headers.update(headers)
     return response
+
+
+def _read_piece(stream: Any, size: int) -> bytes:
+    """One read of the request body. A body the server cannot parse (a chunk size of "zz", a
+    missing chunk terminator, the connection closed half-way) is the caller's 400, not a 500:
+    gunicorn raises its ParseException or NoMoreData, Werkzeug's server ClientDisconnected."""
+    try:
+        return stream.read(size)
+    except _malformed_body_errors() as error:
+        from imagegen.errors import InvalidRequest
+
+        raise InvalidRequest(
+            "The request body could not be read: its chunked transfer encoding is malformed or it "
+            f"ended before its declared length ({type(error).__name__}).",
+            code="invalid_body",
+        ) from None
+
+
+def _malformed_body_errors() -> tuple[type[BaseException], ...]:
+    from werkzeug.exceptions import ClientDisconnected
+
+    try:
+        from gunicorn.http.errors import NoMoreData, ParseException
+    except ImportError:  # not under gunicorn (Windows, Flask's development server)
+        return (ClientDisconnected,)
+    return (ClientDisconnected, NoMoreData, ParseException)

@@ -34,7 +34,13 @@ class JsonLineFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["message"] += "\n" + self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        line = json.dumps(entry, ensure_ascii=False, default=str)
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate from somewhere: the escaped form is still one valid JSON line.
+            line = json.dumps(entry, ensure_ascii=True, default=str)
+        return line
 
 
 class StdoutHandler(logging.StreamHandler):
@@ -88,7 +94,10 @@ def prompt_fingerprint(prompt: str) -> dict[str, Any]:
     return {"promptChars": len(prompt), "promptSha256": digest}
 
 
-_CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?:/(\d+))?(?:;o=([01]))?")
+# Span ids are unsigned 64-bit: at most 20 decimal digits. An unbounded \d+ let a caller make
+# int() convert thousands of digits (and raise past Python's 4,300-digit limit).
+_CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?:/([0-9]{1,20}))?(?:;o=([01]))?")
+MAX_SPAN_ID = 2**64 - 1
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
@@ -100,13 +109,21 @@ def trace_fields(cloud_trace: str | None, traceparent: str | None, project: str 
     """
     if not project:
         return {}
+    try:
+        return _trace_fields(cloud_trace, traceparent, project)
+    except Exception:  # a log line's extras must never fail the request they describe
+        return {}
+
+
+def _trace_fields(cloud_trace: str | None, traceparent: str | None, project: str) -> dict[str, Any]:
     trace = span = None
     sampled = False
     if traceparent and (match := _TRACEPARENT.fullmatch(traceparent.strip())):
         trace, span, sampled = match.group(1), match.group(2), bool(int(match.group(3), 16) & 1)
     elif cloud_trace and (match := _CLOUD_TRACE.fullmatch(cloud_trace.strip())):
         trace = match.group(1).lower()
-        span = f"{int(match.group(2)):016x}" if match.group(2) else None
+        span_id = int(match.group(2)) if match.group(2) else 0
+        span = f"{span_id:016x}" if 0 < span_id <= MAX_SPAN_ID else None
         sampled = match.group(3) == "1"
     if not trace:
         return {}

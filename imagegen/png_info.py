@@ -106,5 +106,7 @@ def _text_chunk(keyword: str, text: str) -> bytes:
         kind, data = b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
     except UnicodeEncodeError:
         # keyword, NUL, compression flag 0, method 0, empty language tag, empty translation
-        kind, data = b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
+        # backslashreplace: text UTF-8 cannot hold (a lone surrogate) must never cost the image
+        # it describes, which was paid for by the time it is embedded.
+        kind, data = b"iTXt", keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8", "backslashreplace")
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -37,6 +37,8 @@ SINGLE_FLIGHT_GRACE_SECONDS = 30
 # How long a winner's claim on a seeded request holds across instances without renewal: it is
 # renewed while the image is made, and a waiter takes over this long after a winner died.
 SINGLE_FLIGHT_LEASE_SECONDS = 30
+# The least time a save is given when the deadline is already spent.
+MIN_STORE_SECONDS = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +235,10 @@ class GenerationService:
                 metadata = ImageMetadata(model=image.route.model, prompt=generation.prompt, seed=image.seed)
                 warnings = []
                 try:
-                    file_path = self._store.save(png, name, metadata)
+                    # The image is paid for: storing it gets what is left of the deadline, and
+                    # at least a moment even when nothing is (it is in the answer either way).
+                    budget = max(MIN_STORE_SECONDS, context.time_left())
+                    file_path = self._store.save(png, name, metadata, budget_seconds=budget)
                     context.progress("stored", filePath=file_path)
                 except StorageError as error:
                     file_path = None

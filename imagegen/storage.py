@@ -2,6 +2,12 @@
 
 A store's `save` returns the `filePath` the caller sees, or raises `StorageError`; the handler
 then still returns the image, with a warning, so a paid-for generation is never lost.
+
+Both calls fit a time budget the caller may pass (the request's remaining time): the Cloud
+Storage client's default retry runs for up to 120 s, so with the bucket unreachable a request
+once took 72 to 214 s. A cache `load` gets at most `LOAD_BUDGET_SECONDS`, a `save` at most
+`SAVE_BUDGET_SECONDS`. The warning a caller sees says what kind of failure it was in words of
+our own; the client's error text (hosts, URLs, paths) goes only to the function's log.
 """
 
 from __future__ import annotations
@@ -20,11 +26,16 @@ from imagegen.png_info import PngParts
 
 from imagegen.config import Settings
 from imagegen.errors import StorageError
+from imagegen.logs import get_logger
 
 MAX_SLUG_CHARS = 40
 MAX_METADATA_PROMPT_CHARS = 500
-UPLOAD_TIMEOUT_SECONDS = 30.0
-DOWNLOAD_TIMEOUT_SECONDS = 10.0
+# A cache lookup is an optimisation: when storage is slow, generating is the better bet.
+LOAD_BUDGET_SECONDS = 5.0
+# Storing is worth more (the image is paid for), but the answer is worth more still.
+SAVE_BUDGET_SECONDS = 20.0
+# Connecting to Cloud Storage takes milliseconds when it works.
+CONNECT_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -35,12 +46,14 @@ class ImageMetadata:
 
 
 class ImageStore(Protocol):
-    def save(self, png: PngParts, name: str, metadata: ImageMetadata) -> str:
-        """Store under `name` (no '.png'; may hold one '/'); the filePath, or StorageError."""
+    def save(self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None) -> str:
+        """Store under `name` (no '.png'; may hold one '/') within `budget_seconds` (at most
+        SAVE_BUDGET_SECONDS); the filePath, or StorageError."""
         ...
 
-    def load(self, name: str) -> tuple[bytes, str] | None:
-        """(the PNG, its filePath) when `name` is stored; None when not, or when it cannot be read."""
+    def load(self, name: str, budget_seconds: float | None = None) -> tuple[bytes, str] | None:
+        """(the PNG, its filePath) when `name` is stored; None when not, when it cannot be read,
+        or when it cannot be read within `budget_seconds` (at most LOAD_BUDGET_SECONDS)."""
         ...
 
 
@@ -77,7 +90,8 @@ class LocalImageStore:
         self._saves_since_prune = 0
         self._prune_lock = threading.Lock()
 
-    def save(self, png: PngParts, name: str, metadata: ImageMetadata) -> str:
+    def save(self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None) -> str:
+        # A local write has no network to wait for: the budget is not needed.
         path = self._directory / f"{name}.png"
         partial = path.with_name(f".{path.name}.partial")
         try:
@@ -88,15 +102,16 @@ class LocalImageStore:
             os.replace(partial, path)
         except OSError as error:
             _remove_quietly(partial)
+            # The directory's absolute path stays in the log: the caller sees only the setting.
+            _log_failure("write", error, str(self._directory))
             raise StorageError(
-                f"Could not write the image to {self._directory} ({error.strerror or error}). "
-                "Check IMAGE_DIR"
+                f"the directory in IMAGE_DIR could not be written ({error.strerror or type(error).__name__})"
             ) from None
         if self._prune_due():
             self._prune(path.parent)
         return str(path)
 
-    def load(self, name: str) -> tuple[bytes, str] | None:
+    def load(self, name: str, budget_seconds: float | None = None) -> tuple[bytes, str] | None:
         path = self._directory / f"{name}.png"
         try:
             return path.read_bytes(), str(path)
@@ -136,8 +151,9 @@ class GcsImageStore:
         self._bucket = None
         self._client_lock = threading.Lock()
 
-    def save(self, png: PngParts, name: str, metadata: ImageMetadata) -> str:
+    def save(self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None) -> str:
         object_name = f"{self._prefix}{name}.png"
+        budget = _budget(budget_seconds, SAVE_BUDGET_SECONDS)
         try:
             blob = self._get_bucket().blob(object_name)
             blob.metadata = {
@@ -147,24 +163,29 @@ class GcsImageStore:
             }
             # if_generation_match=0: never overwrite an object, and makes the upload safe to retry.
             blob.upload_from_string(
-                png.tobytes(), content_type="image/png", if_generation_match=0, timeout=UPLOAD_TIMEOUT_SECONDS
+                png.tobytes(),
+                content_type="image/png",
+                if_generation_match=0,
+                timeout=_timeout(budget),
+                retry=_retry(budget),
             )
         except Exception as error:  # google-cloud-storage raises many unrelated types
             if type(error).__name__ == "PreconditionFailed":
                 # Another instance stored the same content-addressed image first: it is there.
                 return f"gs://{self._bucket_name}/{object_name}"
-            raise StorageError(
-                f"Could not upload the image to gs://{self._bucket_name} "
-                f"({type(error).__name__}: {_first_line(error)}). Check IMAGE_BUCKET and that "
-                "the function's service account may create objects there"
-            ) from None
+            _log_failure("upload", error, f"gs://{self._bucket_name}/{object_name}")
+            raise StorageError(_gcs_failure(error)) from None
         return f"gs://{self._bucket_name}/{object_name}"
 
-    def load(self, name: str) -> tuple[bytes, str] | None:
+    def load(self, name: str, budget_seconds: float | None = None) -> tuple[bytes, str] | None:
         object_name = f"{self._prefix}{name}.png"
+        budget = _budget(budget_seconds, LOAD_BUDGET_SECONDS)
         try:
-            data = self._get_bucket().blob(object_name).download_as_bytes(timeout=DOWNLOAD_TIMEOUT_SECONDS)
-        except Exception:  # NotFound, or storage trouble: either way, generate instead
+            blob = self._get_bucket().blob(object_name)
+            data = blob.download_as_bytes(timeout=_timeout(budget), retry=_retry(budget))
+        except Exception as error:  # NotFound, or storage trouble: either way, generate instead
+            if type(error).__name__ != "NotFound":
+                _log_failure("cache lookup", error, f"gs://{self._bucket_name}/{object_name}")
             return None
         return data, f"gs://{self._bucket_name}/{object_name}"
 
@@ -187,9 +208,45 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
-def _first_line(error: Exception) -> str:
+def _budget(asked: float | None, most: float) -> float:
+    return most if asked is None else max(0.5, min(most, asked))
+
+
+def _timeout(budget: float) -> tuple[float, float]:
+    """(connect, read) seconds for one try; the retry below ends the tries with the budget."""
+    return (min(CONNECT_TIMEOUT_SECONDS, budget), budget)
+
+
+def _retry(budget: float):
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    # The client's own policy (what to retry, backoff), ended when the budget is spent: a try
+    # never starts, and no backoff sleeps, past it.
+    return DEFAULT_RETRY.with_timeout(budget).with_delay(initial=0.25, maximum=2.0)
+
+
+def _gcs_failure(error: Exception) -> str:
+    """What went wrong, in our words: the client's text carries hosts, URLs and JSON."""
+    causes = {type(error).__name__}
+    cause = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    if cause is not None:
+        causes.add(type(cause).__name__)
+    if causes & {"Forbidden", "Unauthorized", "RefreshError", "DefaultCredentialsError"}:
+        return "the function's service account may not create objects in the IMAGE_BUCKET bucket"
+    if "NotFound" in causes:
+        return "the IMAGE_BUCKET bucket does not exist"
+    if causes & {"RetryError", "Timeout", "ReadTimeout", "ConnectTimeout", "ConnectionError", "TransportError", "TimeoutError"}:
+        return "Cloud Storage did not answer in time"
+    return "Cloud Storage refused it"
+
+
+def _log_failure(what: str, error: Exception, where: str) -> None:
+    """The details for whoever runs the function: the log, never the answer."""
     text = str(error).strip().splitlines()
-    return (text[0] if text else "")[:200]
+    get_logger().warning(
+        "Storage %s failed: %s", what, type(error).__name__,
+        extra={"fields": {"storage": {"where": where, "error": type(error).__name__, "detail": (text[0] if text else "")[:300]}}},
+    )
 
 
 def make_store(settings: Settings) -> ImageStore:

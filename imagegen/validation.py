@@ -56,6 +56,7 @@ def parse_generation_request(body: bytes, settings: Settings) -> GenerationReque
             'The request body must be a JSON object such as {"prompt": "a red fox"}.',
             code="invalid_body",
         )
+    _reject_lone_surrogates(data)
     _reject_unknown_fields(data)
 
     prompt = data.get("prompt")
@@ -80,11 +81,45 @@ def parse_generation_request(body: bytes, settings: Settings) -> GenerationReque
     )
 
 
+def _reject_lone_surrogates(data: dict[str, Any]) -> None:
+    """JSON may spell half a UTF-16 pair ("\\ud800", or raw bytes ED A0 80) and Python's json
+    takes it, but no UTF-8 text holds one: not the answer, not a log line, not the PNG's text
+    chunk. Refused here, before anything is spent on the request."""
+    for name, value in data.items():
+        if not _is_unicode(name):
+            shown = _escaped(name)[:64]
+            raise InvalidRequest(
+                f'The field name "{shown}" is not valid Unicode text (it holds a lone UTF-16 surrogate).',
+                code="invalid_field",
+                field=shown,
+            )
+        if isinstance(value, str) and not _is_unicode(value):
+            raise InvalidRequest(
+                f'The field "{name}" must be valid Unicode text: it holds a lone UTF-16 surrogate '
+                f"(such as \\ud800) that is not part of a pair.",
+                code="invalid_field",
+                field=name[:64],
+            )
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(text: str) -> str:
+    """`text` with anything UTF-8 cannot hold written as a backslash escape: safe to echo."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _reject_unknown_fields(data: dict[str, Any]) -> None:
     unknown = [name for name in data if name not in KNOWN_FIELDS]
     if not unknown:
         return
-    name = unknown[0]
+    name = _escaped(unknown[0])
     hint = _closest_field(name)
     suggestion = f' Did you mean "{hint}"?' if hint else ""
     raise InvalidRequest(
@@ -113,8 +148,12 @@ def _invalid(name: str, expected: str, value: Any) -> InvalidRequest:
 
 
 def _is_integer(value: Any) -> bool:
-    # JSON true/false arrive as bool, which Python counts as int.
-    return isinstance(value, int) and not isinstance(value, bool)
+    # JSON true/false arrive as bool, which Python counts as int. Whole numbers written as
+    # floats (61.0, 7e2: Python, JavaScript's JSON.stringify of a computed value, some encoders)
+    # are integers too; 61.5, NaN and Infinity are not.
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
 def _text(data: dict[str, Any], name: str, max_chars: int) -> str:
@@ -216,7 +255,7 @@ def _allowed_choice(data: dict[str, Any], name: str, allowed: tuple[str, ...], s
         raise _invalid(name, f"a {name} name string", value)
     if value not in allowed:
         raise InvalidRequest(
-            f'The {name} "{value[:100]}" is not allowed here. Allowed: {", ".join(allowed)} '
+            f'The {name} "{_escaped(value[:100])}" is not allowed here. Allowed: {", ".join(allowed)} '
             f"(the server's {setting} setting).",
             code=code,
             field=name,

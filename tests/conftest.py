@@ -12,7 +12,7 @@ from tests.fake_router import FakeRouter
 from tests.servers import REPO_ROOT, Process, start_function, start_storage_emulator
 
 TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"
-SETTING_PREFIXES = ("HF_", "HUGGING_FACE", "IMAGE_", "CORS_", "MAX_PROMPT", "STORAGE_EMULATOR")
+SETTING_PREFIXES = ("HF_", "HUGGING_FACE", "IMAGE_", "CORS_", "MAX_PROMPT", "STORAGE_EMULATOR", "K_SERVICE", "TRUSTED_PROXY")
 
 
 @pytest.fixture(autouse=True)

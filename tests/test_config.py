@@ -8,8 +8,9 @@ from imagegen.errors import ConfigurationError
 
 def test_defaults(monkeypatch):
     monkeypatch.setattr("imagegen.backends.registry.local_model_installed", lambda: False)
-    settings = load_settings({})
+    settings = load_settings({"K_SERVICE": "imagegen"})  # as deployed: Cloud Run sets K_SERVICE
     assert settings.backends == ()
+    assert settings.trusted_proxy_hops == 1 and load_settings({}).trusted_proxy_hops == 0  # run anywhere else
     assert settings.hf_router_url == "https://router.huggingface.co"
     assert settings.hf_allowed_models == (DEFAULT_MODEL,)
     assert settings.image_dir == Path("/tmp/imagegen") and settings.image_dir_max_files == 200

@@ -159,7 +159,9 @@ def test_a_failing_bucket_still_returns_the_image(run_function, router, storage_
     answer = post(function, {"prompt": "x"})
     assert answer.status_code == 200
     body = answer.json()
-    assert body["filePath"] is None and "gs://bucket-that-does-not-exist" in body["warning"]
+    assert body["filePath"] is None and "the IMAGE_BUCKET bucket does not exist" in body["warning"]
+    # The bucket and object are named for the operator, in the log, not to the caller.
+    assert "gs://bucket-that-does-not-exist/" in function.log()
     assert len(png_from(body)) > 0
 
 

@@ -13,8 +13,10 @@ import os
 from collections import Counter
 
 import pytest
+import requests
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import positive_data_acceptance
 
 from tests.conftest import TEST_TOKEN
@@ -36,6 +38,7 @@ def target(tmp_path_factory):
             "IMAGE_DIR": str(workdir / "images"),
             "IMAGE_DIR_MAX_FILES": "20",
             "RATE_LIMIT_PER_MINUTE": "0",
+            "GOOGLE_CLOUD_PROJECT": "fuzz-project",  # so trace headers are parsed into the log line
         },
         workdir / "function.log",
     )
@@ -73,3 +76,59 @@ def test_fuzz_the_api(case, target):
         excluded_checks=[positive_data_acceptance],
         timeout=30,
     )
+
+
+# --- The classes of input issue #11 found, generated beside the spec's own cases -------------
+
+# Lone UTF-16 surrogates, which JSON may spell and Python's json accepts.
+surrogates = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+odd_text = st.text(st.one_of(surrogates, st.characters(), st.sampled_from("²١٢\x00\ufeff")), max_size=30)
+integral_floats = st.integers(-10, 5000).map(float) | st.sampled_from([61.0, 728.0, 1e300, -0.0, 4294967296.0])
+odd_numbers = integral_floats | st.sampled_from([61.5, float("nan"), float("inf"), True]) | st.integers()
+request_bodies = st.fixed_dictionaries(
+    {"prompt": st.one_of(st.just("a red fox"), odd_text)},
+    optional={
+        "negativePrompt": odd_text,
+        "model": odd_text,
+        "provider": odd_text,
+        "steps": odd_numbers,
+        "width": odd_numbers,
+        "height": odd_numbers,
+        "seed": odd_numbers,
+        "guidanceScale": odd_numbers,
+    },
+) | st.dictionaries(odd_text, st.integers(), min_size=1, max_size=2).map(lambda extra: {"prompt": "x", **extra})
+# Header values from the wild: digits in other scripts, thousands of digits, junk.
+digits = st.text(st.sampled_from("0123456789²١٢"), min_size=1, max_size=30) | st.just("7" * 4301)
+odd_headers = st.fixed_dictionaries(
+    {},
+    optional={
+        "X-Cloud-Trace-Context": st.builds(lambda span, o: f"105445aa7843bc8bf206b12000100000/{span};o={o}", digits, st.sampled_from("01x")),
+        "traceparent": st.text(st.sampled_from("0123456789abcdef-"), max_size=60),
+        "X-Forwarded-For": st.text(st.sampled_from("0123456789.,: abcdef"), max_size=60),
+        "X-Request-Id": st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=140),
+    },
+)
+
+
+def _encode(body: dict) -> bytes:
+    # ensure_ascii writes a lone surrogate as its \\ud800 escape, as a JSON encoder would.
+    return json.dumps(body, allow_nan=True).encode()
+
+
+@given(body=request_bodies, headers=odd_headers)
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzz_odd_text_numbers_and_headers(body, headers, target):
+    answer = requests.post(
+        target.url + "/api/generate-image",
+        data=_encode(body),
+        # As bytes: UTF-8 header values (a header's digits in another script) go out as they are.
+        headers={"Content-Type": "application/json", **{name: value.strip().encode() for name, value in headers.items()}},
+        timeout=30,
+    )
+    assert answer.status_code < 500, answer.text[:300]
+    assert answer.headers["Content-Type"].startswith("application/json")
+    payload = answer.json()
+    assert payload["success"] is (answer.status_code == 200)
+    if answer.status_code == 400:
+        assert payload["code"] in {"invalid_field", "unknown_field", "model_not_allowed", "provider_not_allowed", "invalid_json"}

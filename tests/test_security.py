@@ -245,7 +245,7 @@ def test_idle_callers_are_forgotten(monkeypatch):
 
 
 def test_rate_limit_per_caller_through_the_handler(make_app, mocked):
-    app = make_app(RATE_LIMIT_PER_MINUTE="2", RATE_LIMIT_BURST="2")
+    app = make_app(RATE_LIMIT_PER_MINUTE="2", RATE_LIMIT_BURST="2", K_SERVICE="imagegen")  # as on Cloud Run
     real = {"X-Forwarded-For": "203.0.113.7"}
     assert [post(app, real).status_code for _ in range(2)] == [200, 200]
     limited = post(app, real)

@@ -72,7 +72,7 @@ def test_null_and_empty_optional_fields_count_as_absent(make_settings):
         ({"prompt": "p", "width": 500}, "invalid_field", "width"),
         ({"prompt": "p", "width": 248}, "invalid_field", "width"),
         ({"prompt": "p", "height": 2056}, "invalid_field", "height"),
-        ({"prompt": "p", "width": 512.0}, "invalid_field", "width"),
+        ({"prompt": "p", "width": 512.5}, "invalid_field", "width"),
         ({"prompt": "p", "width": "512"}, "invalid_field", "width"),
         ({"prompt": "p", "width": True}, "invalid_field", "width"),
         ({"prompt": "p", "steps": 0}, "invalid_field", "steps"),
