@@ -19,7 +19,7 @@ from imagegen.cache import SingleFlight, cached_image_name
 from imagegen.config import Settings
 from imagegen.dispatch import Candidate, Dispatcher
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
-from imagegen.errors import StorageError, UpstreamTimeout
+from imagegen.errors import Cancelled, StorageError, UpstreamTimeout
 from imagegen.events import ProgressSink, ignore_progress
 from imagegen.logs import prompt_fingerprint
 from imagegen.png_info import PngParts, embed_parameters, png_size, png_text
@@ -33,6 +33,12 @@ from imagegen.storage import ImageMetadata, ImageStore, image_name
 MAX_CHOSEN_SEED = 2**31 - 1
 # Followers of an identical request in flight wait for it at most this much past its deadline.
 SINGLE_FLIGHT_GRACE_SECONDS = 30
+PLACEHOLDER_WARNING = (
+    "This is a placeholder from the demo backend, drawn on the server without any model; it is not stored. "
+    "Configure a real backend to generate images."
+)
+# How many cancelled flights a follower rejoins before giving up.
+MAX_FLIGHTS_JOINED = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,17 @@ class Produced:
         return fields
 
 
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """A request past every check that can refuse it: what `GenerationService.produce` makes."""
+
+    generation: GenerationRequest  # with the seed the server chose, if the caller chose none
+    caller_seed: int | None
+    cache_names: list[tuple[str, str]]
+    record: RequestRecord
+    hit: Produced | None = None  # answered from the cache: nothing left to make
+
+
 class GenerationService:
     def __init__(
         self,
@@ -100,6 +117,12 @@ class GenerationService:
         progress: ProgressSink = ignore_progress,
         cancelled: threading.Event | None = None,
     ) -> Produced:
+        return self.produce(self.admit(generation, caller, record), progress, cancelled)
+
+    def admit(self, generation: GenerationRequest, caller: str, record: RequestRecord) -> Admission:
+        """Everything that can refuse a request before any work starts: no backend configured,
+        the caller's rate limit. A streamed answer calls this before its stream begins, so
+        these errors still answer with their own status; a cache hit is answered here."""
         self._settings.require_backends()
         record.fields.update(prompt_fingerprint(generation.prompt))
         if self._settings.log_prompts:
@@ -112,7 +135,7 @@ class GenerationService:
                 hit = self._cached(cache_names, generation.seed)
             if hit is not None:
                 record.fields.update(_log_fields(hit))
-                return hit
+                return Admission(generation, generation.seed, cache_names, record, hit)
         # Counted only for requests that would reach a backend: the limit guards the spending.
         self._limiter.take(caller)
         caller_seed = generation.seed
@@ -120,18 +143,37 @@ class GenerationService:
             # Always send a seed, so that every answer's seed reproduces its image where it can.
             generation = dataclasses.replace(generation, seed=self._choose_seed())
         record.fields["seed"] = generation.seed
+        return Admission(generation, caller_seed, cache_names, record)
+
+    def produce(
+        self, admission: Admission, progress: ProgressSink = ignore_progress, cancelled: threading.Event | None = None
+    ) -> Produced:
+        """The image for an admitted request: from the cache, another identical request in
+        flight, or the backends. `cancelled` set by the caller stops the work where it can."""
+        if admission.hit is not None:
+            return admission.hit
+        generation, caller_seed, record = admission.generation, admission.caller_seed, admission.record
         context = GenerationContext(
             deadline=self._timing.clock() + self._settings.deadline_seconds,
             timing=self._timing,
             progress=progress,
             cancelled=cancelled or threading.Event(),
         )
-        if not cache_names:
+        if not admission.cache_names:
             produced = self._produce(generation, caller_seed, context, record)
         else:
+            produced = self._produce_once(admission.cache_names[0][1], generation, caller_seed, context, record)
+        record.fields.update(_log_fields(produced))
+        return produced
+
+    def _produce_once(
+        self, key: str, generation: GenerationRequest, caller_seed: int | None, context: GenerationContext, record: RequestRecord
+    ) -> Produced:
+        """Through single-flight: identical requests in flight share one upstream call."""
+        for _ in range(MAX_FLIGHTS_JOINED):
             try:
                 produced, shared = self._flights.do(
-                    cache_names[0][1],
+                    key,
                     lambda: self._produce(generation, caller_seed, context, record),
                     timeout=self._settings.deadline_seconds + SINGLE_FLIGHT_GRACE_SECONDS,
                 )
@@ -139,10 +181,13 @@ class GenerationService:
                 raise UpstreamTimeout(
                     "An identical request is still being generated and did not finish in time. Try again in a minute."
                 ) from None
-            if shared:
-                produced = dataclasses.replace(produced, cached=True)
-        record.fields.update(_log_fields(produced))
-        return produced
+            except Cancelled:
+                if context.cancelled.is_set():
+                    raise
+                # The request we joined lost its caller, not us: try again, leading this time.
+                continue
+            return dataclasses.replace(produced, cached=True) if shared else produced
+        raise UpstreamTimeout("Identical requests in flight kept being cancelled by their callers. Try again.")
 
     def _cache_names(self, generation: GenerationRequest, candidates: list[Candidate]) -> list[tuple[str, str]]:
         """(backend, stored name) for each candidate whose seeds reproduce, in order."""
@@ -185,12 +230,15 @@ class GenerationService:
                 name = self._name_for(generation, image, caller_seed)
                 metadata = ImageMetadata(model=image.route.model, prompt=generation.prompt, seed=image.seed)
                 warnings = []
-                try:
-                    file_path = self._store.save(png, name, metadata)
-                    context.progress("stored", filePath=file_path)
-                except StorageError as error:
-                    file_path = None
-                    warnings.append(f"The image was generated but could not be stored: {error}. It is only in this answer.")
+                file_path = None
+                if self._dispatcher.backends[image.route.backend].capabilities(image.route.model).placeholder:
+                    warnings.append(PLACEHOLDER_WARNING)
+                else:
+                    try:
+                        file_path = self._store.save(png, name, metadata)
+                        context.progress("stored", filePath=file_path)
+                    except StorageError as error:
+                        warnings.append(f"The image was generated but could not be stored: {error}. It is only in this answer.")
         finally:
             # Sending is left out on purpose: a slow client must not hold up other requests.
             context.slot.release()
