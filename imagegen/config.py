@@ -102,10 +102,13 @@ class Settings:
         if not self.backends:
             from imagegen.backends.registry import BACKENDS
 
-            choices = "; ".join(f"{name}: {spec.credential_hint()}" for name, spec in BACKENDS.items() if not spec.fallback)
+            choices = "; ".join(
+                f"{name}: {spec.credential_hint()}" for name, spec in BACKENDS.items() if spec.credential_hint()
+            )
             raise ConfigurationError(
                 "This server has no image backend configured. Set the credential of the API you use "
-                f"({choices}), or install requirements-local.txt to run the local model.",
+                f"({choices}), or install requirements-local.txt to run the local model"
+                " (BACKENDS=demo draws placeholders, to try the page).",
                 code="missing_api_key",
             )
         return self.backends

@@ -118,6 +118,17 @@ BACKENDS: Mapping[str, BackendSpec] = {
             options=("LOCAL_DEVICE", "LOCAL_DTYPE", "LOCAL_PRELOAD", "LOCAL_QUEUE_MAX"),
             fallback=True,
         ),
+        # Placeholders drawn here, for trying the page without an account: only when named.
+        _spec(
+            "demo",
+            "DEMO",
+            "placeholder",
+            _PLAIN_NAME,
+            "placeholder",
+            key_variables=(),
+            url_variable=None,
+            options=("DEMO_STEP_SECONDS",),
+        ),
     )
 }
 
