@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from imagegen.errors import ConfigurationError
+from imagegen.logs import LOG_FORMATS
 
 DEFAULT_ROUTER_URL = "https://router.huggingface.co"
 # Served by hf-inference per Hugging Face's docs (2026); the README says how to change it.
@@ -92,6 +93,7 @@ class Settings:
     rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
     trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS
     log_prompts: bool = False
+    log_format: str = "auto"  # json | text | auto (text on a terminal)
     gcp_project: str | None = None
     cache: bool = True
     # The enabled backends in failover order, and every backend's section (enabled or not).
@@ -191,6 +193,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             _number("TRUSTED_PROXY_HOPS", get("TRUSTED_PROXY_HOPS"), DEFAULT_TRUSTED_PROXY_HOPS, 0, 10, integer=True)
         ),
         log_prompts=_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
+        log_format=_choice("LOG_FORMAT", (get("LOG_FORMAT") or "auto").lower(), LOG_FORMATS),
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),
         cache=_boolean("CACHE", get("CACHE"), default=True),
         serve_page=_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
@@ -337,6 +340,12 @@ def _audience(mode: str, audience: str | None, project: str | None) -> str | Non
             code="invalid_configuration",
         )
     return audience
+
+
+def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    if raw not in choices:
+        raise _invalid(name, raw, "one of " + ", ".join(choices))
+    return raw
 
 
 def _boolean(name: str, raw: str | None, default: bool) -> bool:

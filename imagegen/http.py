@@ -259,6 +259,7 @@ def build_handler(environ: Mapping[str, str]) -> Handler:
     """The handler for a process: settings are read once; a bad setting answers 500s that name it."""
     try:
         settings: Settings | ConfigurationError = load_settings(environ)
+        get_logger(settings.log_format)
     except ConfigurationError as error:
         get_logger().error("Invalid configuration: %s", error.message)
         settings = error
