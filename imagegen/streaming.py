@@ -53,6 +53,8 @@ MAX_STREAM_BYTES = 10_000_000
 CLIENT_CLOSED = 499
 
 EVENT_STREAM = "text/event-stream"
+# Every event a stream may carry (openapi.yaml describes each one's data).
+EVENT_NAMES = ("accepted", "queued", "attempt", "retry", "failover", "progress", "stored", "result", "error")
 
 
 def wants_event_stream(accept: Iterable[tuple[str, float]]) -> bool:

@@ -288,3 +288,43 @@ def test_a_plain_request_whose_caller_leaves_runs_to_the_end(run_function, route
     entry = log_lines(function)[0]
     # Nothing tells a plain request that its caller left: it finishes, stores, and logs 200.
     assert entry["httpRequest"]["status"] == 200 and list(images.rglob("*.png"))
+
+
+# --- the contract -------------------------------------------------------------------------------
+
+
+def test_openapi_describes_every_event_and_the_capabilities(make_app, router):
+    from tests.contract import spec
+
+    media = spec()["paths"]["/api/generate-image"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    schemas = {name: ref["$ref"].rsplit("/", 1)[1] for name, ref in media["x-event-schemas"].items()}
+    assert tuple(schemas) == streaming.EVENT_NAMES
+
+    router.reply_error(503, "Service Unavailable", {"Retry-After": "0"})
+    app = make_app(HF_ROUTER_URL=router.url, HF_MAX_RETRIES="1", BACKENDS="huggingface,demo", DEMO_STEP_SECONDS="0")
+    seen = parse_events(app.post("/", json={"prompt": "a fox", "seed": 3}, headers=STREAM).data)
+    router.reply_error(402, "You have exceeded your monthly included credits for Inference Providers.")
+    seen += parse_events(app.post("/", json={"prompt": "a fox", "backend": "huggingface"}, headers=STREAM).data)
+    router.reply_error(404, "Not Found")  # fails over to demo
+    seen += [e for e in parse_events(app.post("/", json={"prompt": "a fox"}, headers=STREAM).data) if e[0] in ("failover", "progress")]
+    assert {"accepted", "attempt", "retry", "stored", "result", "error", "failover", "progress"} <= set(names(seen))
+    for name, data in seen:
+        validate_body(json.dumps(data), schemas[name])
+    validate_body(json.dumps({"position": 1}), schemas["queued"])
+
+    for env in ({}, {"BACKENDS": "demo"}, {"HUGGING_FACE_API_KEY": "", "BACKENDS": "", "AUTH_MODE": "api-key", "API_KEYS": "k" * 20, "CORS_ALLOWED_ORIGINS": "https://a.example"}):
+        answer = make_app(**env).get("/capabilities.json")
+        assert answer.status_code == 200 and answer.mimetype == "application/json"
+        validate_body(answer.data, "Capabilities")
+        assert TEST_TOKEN not in answer.get_data(as_text=True)
+    unconfigured = answer.get_json()
+    assert unconfigured["configured"] is False and unconfigured["backends"] == []
+    assert "no API key or local model configured" in unconfigured["message"]
+
+
+def test_a_capped_result_matches_its_schema(make_app, router, monkeypatch):
+    monkeypatch.setattr(streaming, "MAX_STREAM_BYTES", 20_000)
+    router.reply(Reply(body=noisy_png(128), headers={"Content-Type": "image/png"}))
+    result = parse_events(make_app(HF_ROUTER_URL=router.url).post("/", json={"prompt": "x"}, headers=STREAM).data)[-1][1]
+    assert result["imageUrl"] is None
+    validate_body(json.dumps(result), "StreamResult")
