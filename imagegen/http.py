@@ -4,7 +4,8 @@ Everything a generation does lives in imagegen.service; this module speaks HTTP.
 raises an `ImageGenError` where it knows something is wrong; `Handler.__call__` turns any of
 them into the JSON answer in one place, and anything unexpected into a generic 500 that shows
 no internals. Every answer carries an X-Request-Id and, for the API, a Server-Timing header;
-every request writes one structured log line.
+every request writes one structured log line. A request with `Accept: text/event-stream` is
+answered as Server-Sent Events (imagegen.streaming) once everything that can refuse it has.
 """
 
 from __future__ import annotations

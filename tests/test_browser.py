@@ -442,7 +442,7 @@ def test_error_warning_and_help_text_meet_wcag_aa(browser, demo, scheme):
 @pytest.mark.parametrize("viewport", [{"width": 1280, "height": 900}, {"width": 390, "height": 844}], ids=["desktop", "phone"])
 def test_screenshots(browser, demo, scheme, viewport):
     """For a person to look at: test-artifacts/page-{desktop,phone}-{light,dark}-{progress,result}.png."""
-    function = demo(DEMO_STEP_SECONDS="1.5")
+    function = demo(DEMO_STEP_SECONDS="1")
     phone = viewport["width"] < 500
     context = browser.new_context(viewport=viewport, color_scheme=scheme, is_mobile=phone, has_touch=phone)
     page = context.new_page()

@@ -139,3 +139,12 @@ def test_log_format_picks_the_formatter(monkeypatch):
         assert isinstance(logs.get_logger("text") and handler.formatter, TextLineFormatter)
     finally:
         handler.setFormatter(JsonLineFormatter())
+
+
+def test_log_format_is_checked():
+    from imagegen.config import load_settings
+    from imagegen.errors import ConfigurationError
+
+    assert load_settings({"LOG_FORMAT": "TEXT"}).log_format == "text"
+    with pytest.raises(ConfigurationError, match="LOG_FORMAT is invalid: expected one of auto, json, text"):
+        load_settings({"LOG_FORMAT": "yaml"})
