@@ -100,7 +100,7 @@ class Handler:
         if request.method == "POST":
             response.headers["Server-Timing"] = record.server_timing()
         if response.mimetype != EVENT_STREAM:  # a stream writes its line when it ends
-            self._log(_request_facts(request, settings), response.status_code, response.content_length, record, settings)
+            self._log(_request_facts(request, settings), response.status_code, response.content_length, record)
         return response
 
     def _route(self, request: flask.Request, record: RequestRecord) -> flask.Response:
@@ -189,6 +189,8 @@ class Handler:
                 return self._service.produce(admission, progress, cancelled)
             except ImageGenError as error:
                 record.fields["code"] = error.code
+                if isinstance(error, ConfigurationError):
+                    record.fields["error"] = error.message
                 raise
             except Exception:
                 record.fields["code"] = "internal_error"
@@ -198,7 +200,7 @@ class Handler:
             if outcome.status == CLIENT_CLOSED:
                 record.fields["code"] = Cancelled.code
                 record.fields["clientClosed"] = True
-            self._log(facts, outcome.status, outcome.bytes_sent, record, settings)
+            self._log(facts, outcome.status, outcome.bytes_sent, record)
 
         stream = GenerationStream(
             record.request_id,
@@ -210,9 +212,7 @@ class Handler:
         )
         return _response(200, stream.body(), {"Content-Type": EVENT_STREAM, "X-Accel-Buffering": "no"})
 
-    def _log(
-        self, facts: dict[str, Any], status: int, response_size: int | None, record: RequestRecord, settings: Settings | None
-    ) -> None:
+    def _log(self, facts: dict[str, Any], status: int, response_size: int | None, record: RequestRecord) -> None:
         fields = record.fields
         if record.phases:
             fields["timingsMs"] = {**record.phases, "total": record.total_ms()}

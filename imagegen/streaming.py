@@ -141,8 +141,9 @@ class GenerationStream:
             produced = self._work(self._progress, self.cancelled)
         except ImageGenError as error:
             self._events.put(("error", error))
-        except BaseException as error:  # the worker already turned the unexpected into ImageGenError
-            self._events.put(("error", ImageGenError(f"Something went wrong on the server ({type(error).__name__}).")))
+        except BaseException:  # `work` turns the unexpected into an ImageGenError; this is the rest
+            self._events.put(("error", ImageGenError("Something went wrong on the server. Try again.")))
+            raise
         else:
             self._events.put(("result", produced))
         finally:

@@ -328,3 +328,22 @@ def test_a_capped_result_matches_its_schema(make_app, router, monkeypatch):
     result = parse_events(make_app(HF_ROUTER_URL=router.url).post("/", json={"prompt": "x"}, headers=STREAM).data)[-1][1]
     assert result["imageUrl"] is None
     validate_body(json.dumps(result), "StreamResult")
+
+
+# --- the demo backend ---------------------------------------------------------------------------
+
+
+def test_demo_is_never_stored_never_cached_and_checks_its_setting(make_app, tmp_path):
+    app = make_app(BACKENDS="demo", DEMO_STEP_SECONDS="0")
+    first = app.post("/", json={"prompt": "a fox", "seed": 7, "steps": 4}).get_json()
+    again = app.post("/", json={"prompt": "a fox", "seed": 7, "steps": 4}).get_json()
+    assert first["cached"] is again["cached"] is False and first["seed"] is None and first["filePath"] is None
+    assert first["ignored"] == ["steps", "seed"] and "placeholder" in first["warning"]
+    assert not list((tmp_path / "images").rglob("*.png"))  # nothing stored, under any name
+    broken = make_app(BACKENDS="demo", DEMO_STEP_SECONDS="soon").post("/", json={"prompt": "x"})
+    assert broken.status_code == 500 and "DEMO_STEP_SECONDS" in broken.get_json()["error"]
+
+
+def test_demo_is_never_enabled_by_default(make_settings):
+    assert "demo" not in make_settings().backends
+    assert make_settings(HUGGING_FACE_API_KEY="").backends == ()
