@@ -347,3 +347,35 @@ def test_demo_is_never_stored_never_cached_and_checks_its_setting(make_app, tmp_
 def test_demo_is_never_enabled_by_default(make_settings):
     assert "demo" not in make_settings().backends
     assert make_settings(HUGGING_FACE_API_KEY="").backends == ()
+
+
+def test_a_request_waiting_on_a_cancelled_identical_one_makes_its_own(router, tmp_path):
+    import flask
+
+    from imagegen.cache import cached_image_name
+    from imagegen.config import load_settings
+    from imagegen.domain import GenerationRequest
+    from imagegen.http import Handler
+
+    settings = load_settings(
+        {"HUGGING_FACE_API_KEY": TEST_TOKEN, "HF_ROUTER_URL": router.url, "IMAGE_DIR": str(tmp_path), "HF_MAX_RETRIES": "1"}
+    )
+    handler = Handler(settings)
+    app = flask.Flask("t")
+    app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])
+    seeded = {"prompt": "shared", "seed": 4, "width": 256, "height": 256}
+    router.reply_error(503, "Service Unavailable", {"Retry-After": "20"})
+    leader = app.test_client().post("/", json=seeded, headers=STREAM, buffered=False)
+    chunks = iter(leader.response)
+    while not next(chunks).startswith(b"event: retry"):
+        pass
+    answers = []
+    follower = threading.Thread(target=lambda: answers.append(app.test_client().post("/", json=seeded)))
+    follower.start()
+    backend = handler._service._dispatcher.backends["huggingface"]
+    key = cached_image_name(GenerationRequest(prompt="shared", width=256, height=256, seed=4), backend.identity(), backend.default_model)
+    wait_until(lambda: handler._service._flights.waiters(key) == 1, 10, "the identical request to wait")
+    leader.close()  # its caller leaves during the retry wait
+    follower.join(20)
+    assert answers[0].status_code == 200 and answers[0].get_json()["cached"] is False
+    assert len(router.posts()) == 2  # the leader's 503, then the follower's own try
