@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from imagegen.errors import ConfigurationError
 from imagegen.state.base import RatePolicy
 from imagegen.state.settings import StateSettings, load_state_settings
+from imagegen.logs import LOG_FORMATS
 
 DEFAULT_ROUTER_URL = "https://router.huggingface.co"
 # Served by hf-inference per Hugging Face's docs (2026); the README says how to change it.
@@ -102,6 +103,7 @@ class Settings:
     trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN  # as deployed; see load_settings
     log_prompts: bool = False
     request_head_timeout_seconds: float = DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
+    log_format: str = "auto"  # json | text | auto (text on a terminal)
     gcp_project: str | None = None
     cache: bool = True
     # The enabled backends in failover order, and every backend's section (enabled or not).
@@ -117,10 +119,13 @@ class Settings:
         if not self.backends:
             from imagegen.backends.registry import BACKENDS
 
-            choices = "; ".join(f"{name}: {spec.credential_hint()}" for name, spec in BACKENDS.items() if not spec.fallback)
+            choices = "; ".join(
+                f"{name}: {spec.credential_hint()}" for name, spec in BACKENDS.items() if spec.credential_hint()
+            )
             raise ConfigurationError(
                 "This server has no image backend configured. Set the credential of the API you use "
-                f"({choices}), or install requirements-local.txt to run the local model.",
+                f"({choices}), or install requirements-local.txt to run the local model"
+                " (BACKENDS=demo draws placeholders, to try the page).",
                 code="missing_api_key",
             )
         return self.backends
@@ -214,6 +219,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
         log_prompts=_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
         request_head_timeout_seconds=request_head_timeout_seconds(environ),
+        log_format=_choice("LOG_FORMAT", (get("LOG_FORMAT") or "auto").lower(), LOG_FORMATS),
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),
         cache=_boolean("CACHE", get("CACHE"), default=True),
         serve_page=_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
@@ -370,6 +376,12 @@ def _audience(mode: str, audience: str | None, project: str | None) -> str | Non
             code="invalid_configuration",
         )
     return audience
+
+
+def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    if raw not in choices:
+        raise _invalid(name, raw, "one of " + ", ".join(choices))
+    return raw
 
 
 def _boolean(name: str, raw: str | None, default: bool) -> bool:

@@ -4,7 +4,8 @@ Everything a generation does lives in imagegen.service; this module speaks HTTP.
 raises an `ImageGenError` where it knows something is wrong; `Handler.__call__` turns any of
 them into the JSON answer in one place, and anything unexpected into a generic 500 that shows
 no internals. Every answer carries an X-Request-Id and, for the API, a Server-Timing header;
-every request writes one structured log line.
+every request writes one structured log line. A request with `Accept: text/event-stream` is
+answered as Server-Sent Events (imagegen.streaming) once everything that can refuse it has.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import dataclasses
 import json
 import logging
 import re
+import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +28,19 @@ from imagegen.config import MAX_BODY_BYTES, Settings, load_settings
 from imagegen.cors import cors_headers, preflight_headers
 from imagegen.backends.exchange import new_session
 from imagegen.backends.registry import create_backends
+from imagegen.capabilities import capabilities_document
 from imagegen.dispatch import Dispatcher
-from imagegen.errors import ConfigurationError, ImageGenError, MethodNotAllowed, PayloadTooLarge
+from imagegen.errors import Cancelled, ConfigurationError, ImageGenError, MethodNotAllowed, PayloadTooLarge
+from imagegen.events import ProgressSink
 from imagegen.logs import get_logger, http_request_fields, trace_fields
 from imagegen.page import Page, render_page
 from imagegen.record import RequestRecord
 from imagegen.retry import Timing
-from imagegen.service import GenerationService, Produced
+from imagegen.service import Admission, GenerationService, Produced
 from imagegen.slots import ImageSlots
 from imagegen.state import SharedState, make_state
 from imagegen.storage import ImageStore, make_store
+from imagegen.streaming import CLIENT_CLOSED, EVENT_STREAM, GenerationStream, Outcome, disconnect_probe, wants_event_stream
 from imagegen.validation import check_content_type, parse_generation_request
 
 # Cloud Run caps request bodies at 32 MiB; draining more than that is never needed.
@@ -69,6 +74,7 @@ class Handler:
             self._authenticator = authenticator or make_authenticator(settings, new_session(pool_size=4))
             if settings.serve_page:
                 self._page = render_page(settings)
+            self._capabilities = json.dumps(capabilities_document(settings, dispatcher.backends), ensure_ascii=False).encode()
 
     def __call__(self, request: flask.Request) -> flask.Response:
         incoming_id = request.headers.get("X-Request-Id", "")
@@ -89,10 +95,8 @@ class Handler:
             response.headers.update(cors_headers(origin, allowed_origins))
         if request.method == "POST":
             response.headers["Server-Timing"] = record.server_timing()
-        try:
-            self._log(request, response, record, settings)
-        except Exception:  # the answer is ready (maybe a paid image): its log line must not cost it
-            pass
+        if response.mimetype != EVENT_STREAM:  # a stream writes its line when it ends
+            self._log(lambda: _request_facts(request, settings), response.status_code, response.content_length, record)
         return response
 
     def _route(self, request: flask.Request, record: RequestRecord) -> flask.Response:
@@ -109,20 +113,19 @@ class Handler:
                 record.fields["error"] = error.message
             return _error_response(error, record.request_id)
         except Exception:
-            self._logger.exception(
-                "Unexpected error while handling %s %s", request.method, request.path, extra={"fields": {"requestId": record.request_id}}
-            )
             record.fields["code"] = "internal_error"
-            return _error_response(
-                ImageGenError("Something went wrong on the server. Try again; if it keeps happening, report the request id."),
-                record.request_id,
-            )
+            return _error_response(self._unexpected(request.method, request.path, record), record.request_id)
+
+    def _unexpected(self, method: str, path: str, record: RequestRecord) -> ImageGenError:
+        """Log the exception being handled; the error the caller sees instead, no internals."""
+        self._logger.exception("Unexpected error while handling %s %s", method, path, extra={"fields": {"requestId": record.request_id}})
+        return ImageGenError("Something went wrong on the server. Try again; if it keeps happening, report the request id.")
 
     def _document(self, request: flask.Request) -> flask.Response | None:
         """The page and the OpenAPI document: GET only. None for the API's paths."""
         if request.path == "/" and self._page is not None and request.method in ("GET", "HEAD"):
             return self._page_response()
-        documents = {"/openapi.yaml": self._openapi_response}
+        documents = {"/openapi.yaml": self._openapi_response, "/capabilities.json": self._capabilities_response}
         if self._page is not None:
             documents["/index.html"] = self._page_response
         if request.path not in documents:
@@ -142,6 +145,11 @@ class Handler:
             {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": self._page.content_security_policy},
         )
 
+    def _capabilities_response(self) -> flask.Response:
+        if isinstance(self._settings, ConfigurationError):
+            raise self._settings
+        return _response(200, self._capabilities, {"Content-Type": "application/json"})
+
     def _openapi_response(self) -> flask.Response:
         return _response(200, OPENAPI_PATH.read_bytes(), {"Content-Type": "application/yaml; charset=utf-8"})
 
@@ -160,45 +168,105 @@ class Handler:
         with record.phase("validate"):
             check_content_type(request.headers.get("Content-Type"))
             generation = parse_generation_request(_read_body(request), settings)
-        produced = self._service.generate(generation, caller.key, record)
-        return _success_response(produced)
+        admission = self._service.admit(generation, caller.key, record)
+        if wants_event_stream(request.accept_mimetypes):
+            return self._stream(request, admission, record)
+        return _success_response(self._service.produce(admission))
 
-    def _log(self, request: flask.Request, response: flask.Response, record: RequestRecord, settings: Settings | None) -> None:
-        status = response.status_code
+    def _stream(self, request: flask.Request, admission: Admission, record: RequestRecord) -> flask.Response:
+        """Server-Sent Events (imagegen.streaming): the work on its own thread, its progress
+        as events, then the same answer as JSON in one `result` or `error` event."""
+        settings = self._settings if isinstance(self._settings, Settings) else None
+        facts = _request_facts(request, settings)
+        record.fields["stream"] = True
+
+        def work(progress: ProgressSink, cancelled: threading.Event) -> Produced:
+            try:
+                return self._service.produce(admission, progress, cancelled)
+            except ImageGenError as error:
+                record.fields["code"] = error.code
+                if isinstance(error, ConfigurationError):
+                    record.fields["error"] = error.message
+                raise
+            except Exception:
+                record.fields["code"] = "internal_error"
+                raise self._unexpected(facts["method"], facts["path"], record) from None
+
+        def finished(outcome: Outcome) -> None:
+            if outcome.status == CLIENT_CLOSED:
+                record.fields["code"] = Cancelled.code
+                record.fields["clientClosed"] = True
+            self._log(lambda: facts, outcome.status, outcome.bytes_sent, record)
+
+        stream = GenerationStream(
+            record.request_id,
+            work,
+            success_body,
+            error_payload,
+            client_gone=disconnect_probe(request.environ),
+            on_finish=finished,
+        )
+        return _response(200, stream.body(), {"Content-Type": EVENT_STREAM, "X-Accel-Buffering": "no"})
+
+    def _log(
+        self, facts: Callable[[], dict[str, Any]], status: int, response_size: int | None, record: RequestRecord
+    ) -> None:
+        """The request's log line. The answer is ready by now, maybe with a paid image: a line
+        that cannot be written must never cost it."""
+        try:
+            self._write_log(facts(), status, response_size, record)
+        except Exception:
+            pass
+
+    def _write_log(self, facts: dict[str, Any], status: int, response_size: int | None, record: RequestRecord) -> None:
         fields = record.fields
         if record.phases:
             fields["timingsMs"] = {**record.phases, "total": record.total_ms()}
         if record.attempts:
             fields["attempts"] = [dataclasses.asdict(attempt) for attempt in record.attempts]
-        hops = settings.trusted_proxy_hops if settings else 0  # unknown: trust no forwarded entry
         entry: dict[str, Any] = {
             "requestId": record.request_id,
             "httpRequest": http_request_fields(
-                method=request.method,
-                url=request.path,  # no query string: it could hold anything
+                method=facts["method"],
+                url=facts["path"],  # no query string: it could hold anything
                 status=status,
                 latency_seconds=record.total_ms() / 1000,
-                user_agent=request.headers.get("User-Agent"),
-                remote_ip=client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, hops),
-                request_size=request.content_length,
-                response_size=response.content_length,
+                user_agent=facts["user_agent"],
+                remote_ip=facts["remote_ip"],
+                request_size=facts["request_size"],
+                response_size=response_size,
             ),
             "imagegen": fields,
-            **trace_fields(
-                request.headers.get("X-Cloud-Trace-Context"), request.headers.get("traceparent"), settings and settings.gcp_project
-            ),
+            **facts["trace"],
         }
         severity = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 or "warning" in fields else logging.INFO
         code = f" {fields['code']}" if "code" in fields else ""
         self._logger.log(
-            severity, "%s %s %s%s in %.0f ms", request.method, request.path, status, code, record.total_ms(), extra={"fields": entry}
+            severity, "%s %s %s%s in %.0f ms", facts["method"], facts["path"], status, code, record.total_ms(), extra={"fields": entry}
         )
+
+
+def _request_facts(request: flask.Request, settings: Settings | None) -> dict[str, Any]:
+    """What the log line says about the request, read while the request is still there: a
+    stream writes its line after the framework has moved on."""
+    hops = settings.trusted_proxy_hops if settings else 0  # unknown: trust no forwarded entry
+    return {
+        "method": request.method,
+        "path": request.path,
+        "user_agent": request.headers.get("User-Agent"),
+        "remote_ip": client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, hops),
+        "request_size": request.content_length,
+        "trace": trace_fields(
+            request.headers.get("X-Cloud-Trace-Context"), request.headers.get("traceparent"), settings and settings.gcp_project
+        ),
+    }
 
 
 def build_handler(environ: Mapping[str, str]) -> Handler:
     """The handler for a process: settings are read once; a bad setting answers 500s that name it."""
     try:
         settings: Settings | ConfigurationError = load_settings(environ)
+        get_logger(settings.log_format)
     except ConfigurationError as error:
         get_logger().error("Invalid configuration: %s", error.message)
         settings = error
@@ -258,11 +326,15 @@ def _success_response(produced: Produced) -> flask.Response:
     return _response(200, body, {"Content-Type": "application/json", "Content-Length": str(length)})
 
 
-def _error_response(error: ImageGenError, request_id: str) -> flask.Response:
+def error_payload(error: ImageGenError, request_id: str) -> dict[str, Any]:
     payload: dict[str, Any] = {"success": False, "error": error.message, "code": error.code, "requestId": request_id}
     if error.field:
         payload["field"] = error.field
-    body = json.dumps(payload, ensure_ascii=False).encode()
+    return payload
+
+
+def _error_response(error: ImageGenError, request_id: str) -> flask.Response:
+    body = json.dumps(error_payload(error, request_id), ensure_ascii=False).encode()
     return _response(error.status, body, {"Content-Type": "application/json", **error.headers})
 
 

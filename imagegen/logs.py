@@ -1,4 +1,5 @@
-"""One JSON line per request on stdout, which Cloud Logging reads as a structured entry.
+"""One JSON line per request on stdout, which Cloud Logging reads as a structured entry; on a
+terminal (LOG_FORMAT=auto, the default) or with LOG_FORMAT=text, one short readable line.
 
 Prompts are personal data and the token is a secret: a line holds the prompt's length and a
 short hash (to match repeats), never the prompt or any credential.
@@ -78,15 +79,62 @@ class StdoutHandler(logging.StreamHandler):
         pass
 
 
-def get_logger() -> logging.Logger:
-    """The package logger, writing JSON lines to stdout (set up once per process)."""
+class TextLineFormatter(logging.Formatter):
+    """A line a person reads in a terminal: time, severity, what happened, and the few fields
+    that say how (backend, model, seed, cache, error code, request id)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", {})
+        details = fields.get("imagegen", {})
+        parts = [self.formatTime(record, "%H:%M:%S"), f"{_SEVERITY.get(record.levelno, 'DEFAULT'):<7}", record.getMessage()]
+        if details.get("backend"):
+            route = "/".join(str(details[key]) for key in ("backend", "provider") if details.get(key))
+            parts.append(f"{route} {details.get('model', '')}".rstrip())
+        if details.get("seed") is not None:
+            parts.append(f"seed {details['seed']}")
+        if details.get("cached"):
+            parts.append("from cache")
+        if details.get("stream"):
+            parts.append("streamed")
+        retries = len(details.get("attempts", ())) - 1
+        if retries > 0:
+            parts.append(f"{retries} more tr{'y' if retries == 1 else 'ies'}")
+        if fields.get("requestId"):
+            parts.append(f"[{fields['requestId'][:8]}]")
+        line = "  ".join(parts)
+        if details.get("error"):
+            line += f"\n    {details['error']}"
+        if details.get("warning"):
+            line += f"\n    warning: {details['warning']}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+LOG_FORMATS = ("auto", "json", "text")
+
+
+def get_logger(log_format: str | None = None) -> logging.Logger:
+    """The package logger on stdout (set up once per process). `log_format` (LOG_FORMAT) picks
+    the line: json for Cloud Logging, text for a person, auto: text on a terminal."""
     logger = logging.getLogger(LOGGER_NAME)
-    if not any(isinstance(h.formatter, JsonLineFormatter) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if isinstance(h, StdoutHandler)), None)
+    if handler is None:
         handler = StdoutHandler()
         handler.setFormatter(JsonLineFormatter())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    if log_format is not None:
+        text = log_format == "text" or (log_format == "auto" and _is_terminal(sys.stdout))
+        handler.setFormatter(TextLineFormatter() if text else JsonLineFormatter())
     return logger
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def prompt_fingerprint(prompt: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from imagegen.ratelimit import RateLimited
 from imagegen.record import RequestRecord
 from imagegen.retry import Timing
 from imagegen.slots import ImageSlots
-from imagegen.state import SharedState, rate_limit_headers
+from imagegen.state import Reservation, SharedState, rate_limit_headers
 from imagegen.storage import ImageMetadata, ImageStore, image_name
 
 # Seeds the server picks stay below 2**31: some providers take only signed 32-bit seeds.
@@ -39,6 +39,12 @@ SINGLE_FLIGHT_GRACE_SECONDS = 30
 SINGLE_FLIGHT_LEASE_SECONDS = 30
 # The least time a save is given when the deadline is already spent.
 MIN_STORE_SECONDS = 2.0
+PLACEHOLDER_WARNING = (
+    "This is a placeholder from the demo backend, drawn on the server without any model; it is not stored. "
+    "Configure a real backend to generate images."
+)
+# How many cancelled flights a follower rejoins before giving up.
+MAX_FLIGHTS_JOINED = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,18 @@ class Produced:
         return fields
 
 
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """A request past every check that can refuse it: what `GenerationService.produce` makes."""
+
+    generation: GenerationRequest  # with the seed the server chose, if the caller chose none
+    caller_seed: int | None
+    cache_names: list[tuple[str, str]]
+    record: RequestRecord
+    hit: Produced | None = None  # answered from the cache: nothing left to make
+    reservation: Reservation | None = None  # the unit of the daily budget it holds
+
+
 class GenerationService:
     def __init__(
         self,
@@ -106,6 +124,13 @@ class GenerationService:
         progress: ProgressSink = ignore_progress,
         cancelled: threading.Event | None = None,
     ) -> Produced:
+        return self.produce(self.admit(generation, caller, record), progress, cancelled)
+
+    def admit(self, generation: GenerationRequest, caller: str, record: RequestRecord) -> Admission:
+        """Everything that can refuse a request before any work starts: no backend configured,
+        the caller's rate, the daily budgets. A streamed answer calls this before its stream
+        begins, so these errors still answer with their own status; a cache hit is answered
+        here, spending nothing."""
         self._settings.require_backends()
         record.fields.update(prompt_fingerprint(generation.prompt))
         if self._settings.log_prompts:
@@ -118,19 +143,48 @@ class GenerationService:
                 hit = self._cached(cache_names, generation.seed)
             if hit is not None:
                 record.fields.update(_log_fields(hit))
-                return hit
+                return Admission(generation, generation.seed, cache_names, record, hit=hit)
         # Counted only for requests that would reach a backend: the limits guard the spending.
         self._take_rate(caller, record)
         reservation = self._state.reserve(caller)
+        caller_seed = generation.seed
+        if generation.seed is None:
+            # Always send a seed, so that every answer's seed reproduces its image where it can.
+            generation = dataclasses.replace(generation, seed=self._choose_seed())
+        record.fields["seed"] = generation.seed
+        return Admission(generation, caller_seed, cache_names, record, reservation=reservation)
+
+    def produce(
+        self, admission: Admission, progress: ProgressSink = ignore_progress, cancelled: threading.Event | None = None
+    ) -> Produced:
+        """The image for an admitted request: from the cache, another identical request in
+        flight, or the backends. `cancelled` set by the caller stops the work where it can.
+        A request that fails upstream or is cancelled gives its budget unit back, and so does
+        one answered with another request's image."""
+        if admission.hit is not None:
+            return admission.hit
+        context = GenerationContext(
+            deadline=self._timing.clock() + self._settings.deadline_seconds,
+            timing=self._timing,
+            progress=progress,
+            cancelled=cancelled or threading.Event(),
+        )
         try:
-            produced = self._generate(generation, candidates, cache_names, record, progress, cancelled)
+            if admission.cache_names:
+                produced = self._produce_once(admission, context)
+            else:
+                produced = self._produce(admission.generation, admission.caller_seed, context, admission.record)
         except (UpstreamError, Cancelled):
-            self._state.refund(reservation)  # nothing was paid for: the unit goes back
+            self._refund(admission)  # nothing was paid for: the unit goes back
             raise
         if produced.cached:
-            self._state.refund(reservation)  # another request's image: this one cost nothing
-        record.fields.update(_log_fields(produced))
+            self._refund(admission)  # another request's image: this one cost nothing
+        admission.record.fields.update(_log_fields(produced))
         return produced
+
+    def _refund(self, admission: Admission) -> None:
+        if admission.reservation is not None:
+            self._state.refund(admission.reservation)
 
     def _take_rate(self, caller: str, record: RequestRecord) -> None:
         """The per-caller rate; its RateLimit headers go on the answer, refusals included."""
@@ -142,46 +196,36 @@ class GenerationService:
             raise
         record.headers.update(rate_limit_headers(decision, policy))
 
-    def _generate(
-        self,
-        generation: GenerationRequest,
-        candidates: list[Candidate],
-        cache_names: list[tuple[str, str]],
-        record: RequestRecord,
-        progress: ProgressSink,
-        cancelled: threading.Event | None,
-    ) -> Produced:
-        caller_seed = generation.seed
-        if generation.seed is None:
-            # Always send a seed, so that every answer's seed reproduces its image where it can.
-            generation = dataclasses.replace(generation, seed=self._choose_seed())
-        record.fields["seed"] = generation.seed
-        context = GenerationContext(
-            deadline=self._timing.clock() + self._settings.deadline_seconds,
-            timing=self._timing,
-            progress=progress,
-            cancelled=cancelled or threading.Event(),
-        )
-        if not cache_names:
-            return self._produce(generation, caller_seed, context, record)
+    def _produce_once(self, admission: Admission, context: GenerationContext) -> Produced:
+        """Through single-flight: identical requests in flight, on this instance or (with
+        STATE_URL) any other, share one upstream call."""
+        generation, record = admission.generation, admission.record
+        backend, key = admission.cache_names[0]
 
         def produce() -> tuple[Produced, str | None]:
-            produced = self._produce(generation, caller_seed, context, record)
+            produced = self._produce(generation, admission.caller_seed, context, record)
             return produced, produced.stored_name
 
-        try:
-            produced, shared = self._state.single_flight(
-                cache_names[0][1],
-                produce,
-                lambda name: self._load(name, cache_names[0][0], generation.seed),
-                lease_seconds=SINGLE_FLIGHT_LEASE_SECONDS,
-                timeout=self._settings.deadline_seconds + SINGLE_FLIGHT_GRACE_SECONDS,
-            )
-        except TimeoutError:
-            raise UpstreamTimeout(
-                "An identical request is still being generated and did not finish in time. Try again in a minute."
-            ) from None
-        return dataclasses.replace(produced, cached=True) if shared else produced
+        for _ in range(MAX_FLIGHTS_JOINED):
+            try:
+                produced, shared = self._state.single_flight(
+                    key,
+                    produce,
+                    lambda name: self._load(name, backend, generation.seed),
+                    lease_seconds=SINGLE_FLIGHT_LEASE_SECONDS,
+                    timeout=self._settings.deadline_seconds + SINGLE_FLIGHT_GRACE_SECONDS,
+                )
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    "An identical request is still being generated and did not finish in time. Try again in a minute."
+                ) from None
+            except Cancelled:
+                if context.cancelled.is_set():
+                    raise
+                # The request we joined lost its caller, not us: try again, leading this time.
+                continue
+            return dataclasses.replace(produced, cached=True) if shared else produced
+        raise UpstreamTimeout("Identical requests in flight kept being cancelled by their callers. Try again.")
 
     def _cache_names(self, generation: GenerationRequest, candidates: list[Candidate]) -> list[tuple[str, str]]:
         """(backend, stored name) for each candidate whose seeds reproduce, in order."""
@@ -234,15 +278,18 @@ class GenerationService:
                 name = self._name_for(generation, image, caller_seed)
                 metadata = ImageMetadata(model=image.route.model, prompt=generation.prompt, seed=image.seed)
                 warnings = []
-                try:
-                    # The image is paid for: storing it gets what is left of the deadline, and
-                    # at least a moment even when nothing is (it is in the answer either way).
-                    budget = max(MIN_STORE_SECONDS, context.time_left())
-                    file_path = self._store.save(png, name, metadata, budget_seconds=budget)
-                    context.progress("stored", filePath=file_path)
-                except StorageError as error:
-                    file_path = None
-                    warnings.append(f"The image was generated but could not be stored: {error}. It is only in this answer.")
+                file_path = None
+                if self._dispatcher.backends[image.route.backend].capabilities(image.route.model).placeholder:
+                    warnings.append(PLACEHOLDER_WARNING)
+                else:
+                    try:
+                        # The image is paid for: storing it gets what is left of the deadline,
+                        # and at least a moment when nothing is (it is in the answer either way).
+                        budget = max(MIN_STORE_SECONDS, context.time_left())
+                        file_path = self._store.save(png, name, metadata, budget_seconds=budget)
+                        context.progress("stored", filePath=file_path)
+                    except StorageError as error:
+                        warnings.append(f"The image was generated but could not be stored: {error}. It is only in this answer.")
         finally:
             # Sending is left out on purpose: a slow client must not hold up other requests.
             context.slot.release()

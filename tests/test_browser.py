@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import http.server
+import json
 import os
 import shutil
 import threading
@@ -17,7 +18,7 @@ import pytest
 
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import Reply
-from tests.servers import REPO_ROOT
+from tests.servers import REPO_ROOT, wait_until
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -107,10 +108,13 @@ def test_busy_state_and_cancel(page, function, router):
     generate(page, "slow one")
     expect(page.locator("#generate")).to_be_disabled()
     expect(page.locator("#cancel")).to_be_visible()
+    expect(page.locator("#cancel")).to_be_focused()  # not <body>, though Generate was disabled
+    expect(page.locator("#phase")).to_have_text("Asking hf-inference (stabilityai/stable-diffusion-3-medium-diffusers)…")
     expect(page.locator("#elapsed")).to_have_text("1 s", timeout=5_000)  # it counts
     page.click("#cancel")
     expect(page.locator("#status")).to_have_text("Cancelled.")
     expect(page.locator("#generate")).to_be_enabled()
+    expect(page.locator("#generate")).to_be_focused()
     expect(page.locator("#result")).to_be_hidden()
     held.set()
 
@@ -214,3 +218,241 @@ def test_page_with_api_key_mode(page, run_function, router, tmp_path):
     page.click("#generate")
     expect(page.locator("#result")).to_be_visible()
     assert key not in function.log()
+
+
+# --- streamed progress, focus, field errors, contrast, history ----------------------------------
+
+# Records every text #phase shows and every value the bar takes, in order.
+RECORD_PHASES = """() => {
+  window.phases = []; window.bars = [];
+  const phase = document.getElementById("phase"), bar = document.getElementById("bar");
+  new MutationObserver(() => window.phases.push(phase.textContent)).observe(phase, {childList: true, characterData: true, subtree: true});
+  new MutationObserver(() => { if (!bar.hidden) window.bars.push(bar.value); }).observe(bar, {attributes: true});
+}"""
+
+
+@pytest.fixture
+def demo(run_function, tmp_path):
+    def start(**env: str):
+        return run_function(**{"BACKENDS": "demo", "DEMO_STEP_SECONDS": "0.3", "IMAGE_DIR": str(tmp_path / "images"), **env})
+
+    return start
+
+
+def in_viewport(page: Page, selector: str) -> bool:
+    return page.eval_on_selector(
+        selector,
+        """async el => {
+          if (el.decode) await el.decode();
+          const r = el.getBoundingClientRect();
+          return r.height > 0 && r.top >= -1 && r.bottom <= innerHeight + 1;  // sub-pixel scroll offsets
+        }""",
+    )
+
+
+def test_progress_phases_in_order_then_the_result_has_focus(page, demo):
+    function = demo()
+    page.goto(function.url)
+    expect(page.locator("#server")).to_have_text("This server uses demo (placeholder, placeholders only).")
+    page.evaluate(RECORD_PHASES)
+    generate(page, "A lighthouse, as a placeholder")
+    expect(page.locator("#placeholder")).to_be_visible()
+    expect(page.locator("#bar")).to_be_visible()
+    expect(page.locator("#status")).to_contain_text("Done in")
+    phases = [p for p in page.evaluate("window.phases") if p]
+    assert phases == [
+        "Sending the request…",
+        "Accepted; starting…",
+        "Asking demo (placeholder)…",
+        "Waiting for the model: step 1 of 4",
+        "Waiting for the model: step 2 of 4",
+        "Waiting for the model: step 3 of 4",
+        "Waiting for the model: step 4 of 4",
+    ]
+    assert page.evaluate("window.bars") == [0.25, 0.5, 0.75, 1]
+    expect(page.locator("#result")).to_be_focused()
+    assert in_viewport(page, "#image")
+    expect(page.locator("#meta")).to_have_text("demo · placeholder")
+    expect(page.locator("#warning")).to_contain_text("placeholder from the demo backend")
+    expect(page.locator("#reuse-seed")).to_be_hidden()  # no seed reproduces a placeholder
+    assert page.problems == []
+
+
+def test_retry_and_failover_are_said_in_words(page, run_function, router, tmp_path):
+    function = run_function(
+        HUGGING_FACE_API_KEY=TEST_TOKEN,
+        HF_ROUTER_URL=router.url,
+        HF_MAX_RETRIES="1",
+        BACKENDS="huggingface,demo",
+        DEMO_STEP_SECONDS="0.1",
+        IMAGE_DIR=str(tmp_path),
+    )
+    router.reply_error(503, "Service Unavailable", {"Retry-After": "1"})
+    router.reply_error(500, "boom")
+    page.goto(function.url)
+    page.evaluate(RECORD_PHASES)
+    generate(page, "a fox")
+    expect(page.locator("#meta")).to_have_text("demo · placeholder")
+    phases = [p for p in page.evaluate("window.phases") if p]
+    assert phases[2:6] == [
+        "Asking hf-inference (stabilityai/stable-diffusion-3-medium-diffusers)…",
+        "Provider busy, retrying in 1 s",
+        "Asking hf-inference (stabilityai/stable-diffusion-3-medium-diffusers)…",
+        "Trying demo instead",
+    ]
+    assert phases[6:] == ["Asking demo (placeholder)…", *(f"Waiting for the model: step {n} of 4" for n in range(1, 5))]
+
+
+def test_cancel_in_the_page_stops_the_work_on_the_server(page, demo):
+    function = demo(DEMO_STEP_SECONDS="3")
+    page.goto(function.url)
+    generate(page, "never mind")
+    expect(page.locator("#phase")).to_have_text("Asking demo (placeholder)…")
+    page.click("#cancel")
+    expect(page.locator("#status")).to_have_text("Cancelled.")
+
+    def post_lines():
+        return [json.loads(line) for line in function.log().splitlines() if '"requestMethod": "POST"' in line]
+
+    # The demo had 12 s of steps to go; its wait ends as soon as the page lets go.
+    wait_until(post_lines, 5, "the cancelled request's log line")
+    entry = post_lines()[0]
+    assert entry["httpRequest"]["status"] == 499 and entry["imagegen"]["code"] == "cancelled"
+
+
+def test_a_server_without_backends_says_so_before_generate(page, run_function, tmp_path):
+    function = run_function(IMAGE_DIR=str(tmp_path))
+    page.goto(function.url)
+    expect(page.locator("#notice")).to_contain_text("This server has no API key or local model configured")
+    expect(page.locator("#generate")).to_be_disabled()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-not-configured.png"))
+
+
+def test_field_errors_use_the_label_mark_the_field_and_take_focus(page, function, router):
+    page.goto(function.url)
+    page.click("#options summary")
+    page.fill("#guidance", "31")
+    generate(page, "a fox")
+    expect(page.locator("#error")).to_have_text("Guidance must be a number from 0 to 30.")
+    expect(page.locator("#guidance")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#guidance")).to_be_focused()
+    assert router.posts() == []  # checked in the browser: nothing was sent
+    page.fill("#guidance", "")
+    page.fill("#seed", "1.5")
+    page.click("#generate")
+    expect(page.locator("#error")).to_have_text("Seed must be a whole number from 0 to 4294967295.")
+    expect(page.locator("#seed")).to_be_focused()
+    expect(page.locator("#guidance")).not_to_have_attribute("aria-invalid", "true")
+
+    # A field the server refuses is named the same way.
+    page.fill("#seed", "")
+    page.evaluate("() => { const g = document.getElementById('guidance'); g.removeAttribute('max'); }")
+    page.fill("#guidance", "31")
+    page.click("#generate")
+    expect(page.locator("#error")).to_have_text("Guidance must be a number from 0 to 30 (got 31).")
+    expect(page.locator("#guidance")).to_be_focused()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page-field-error.png"))
+    assert router.posts() == []
+
+
+def test_a_cached_answer_says_from_cache_and_history_survives_a_reload(page, function, router):
+    page.goto(function.url)
+    page.click("#options summary")
+    page.fill("#seed", "5")
+    generate(page, "twice")
+    expect(page.locator("#history li")).to_have_count(1)
+    page.click("#generate")
+    expect(page.locator("#history li")).to_have_count(2)
+    expect(page.locator("#meta")).to_contain_text("from cache")
+    expect(page.locator("#status")).to_contain_text(", from cache.")
+    assert len(router.posts()) == 1
+    generate(page, "third")
+    expect(page.locator("#history li")).to_have_count(3)
+
+    page.reload()
+    expect(page.locator("#history li")).to_have_count(3)
+    page.locator("#history button").nth(2).click()
+    expect(page.locator("#image")).to_have_attribute("alt", "twice")
+    expect(page.locator("#meta")).to_contain_text("Seed 5")
+    assert page.get_attribute("#image", "src").startswith("data:image/png;base64,")
+
+
+def test_history_in_session_storage_is_bounded(page, demo):
+    function = demo(DEMO_STEP_SECONDS="0", RATE_LIMIT_PER_MINUTE="0")
+    page.goto(function.url)
+    for n in range(14):
+        generate(page, f"image {n}")
+        expect(page.locator("#status")).to_contain_text("Done in")
+        page.evaluate("document.getElementById('status').textContent = ''")
+    saved = page.evaluate("JSON.parse(sessionStorage.getItem('imagegen-history'))")
+    assert [entry["prompt"] for entry in saved] == [f"image {n}" for n in range(13, 1, -1)]
+
+
+def test_phone_shows_the_image_and_its_buttons_without_scrolling(browser, function, router):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.goto(function.url)
+    page.click("#options summary")
+    page.select_option("#size", "1024x1024")
+    generate(page, "a tall lighthouse on a phone")
+    expect(page.locator("#status")).to_contain_text("Done in")
+    expect(page.locator("#result")).to_be_focused()
+    for selector in ("#image", "#download", "#reuse-seed"):
+        assert in_viewport(page, selector), selector
+    context.close()
+
+
+# Contrast ratio (WCAG 2.x) of an element's text against what is behind it, both read from
+# computed styles: the background is every ancestor's background colour composited.
+CONTRAST = """el => {
+  const parse = (c) => { const m = c.match(/[\\d.]+/g).map(Number); return [m[0], m[1], m[2], m.length > 3 ? m[3] : 1]; };
+  const over = (top, bottom) => [0, 1, 2].map((i) => top[i] * top[3] + bottom[i] * (1 - top[3])).concat(1);
+  const layers = [];
+  for (let node = el; node; node = node.parentElement) layers.push(parse(getComputedStyle(node).backgroundColor));
+  let background = [255, 255, 255, 1];
+  for (const layer of layers.reverse()) background = over(layer, background);
+  const text = over(parse(getComputedStyle(el).color), background);
+  const lum = (c) => { const [r, g, b] = c.slice(0, 3).map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; }); return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+  const [a, b] = [lum(text), lum(background)].sort((x, y) => y - x);
+  return (a + 0.05) / (b + 0.05);
+}"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_error_warning_and_help_text_meet_wcag_aa(browser, demo, scheme):
+    function = demo(DEMO_STEP_SECONDS="0")
+    context = browser.new_context(color_scheme=scheme)
+    page = context.new_page()
+    page.goto(function.url)
+    generate(page, "contrast")
+    expect(page.locator("#warning")).to_be_visible()
+    page.evaluate("() => { const n = document.getElementById('notice'); n.textContent = 'A notice'; n.hidden = false; }")
+    page.fill("#prompt", "")
+    page.click("#generate")
+    expect(page.locator("#error")).to_be_visible()
+    for selector in ("#error", "#warning", "#notice", "#prompt-help", "#meta", ".lede", "#status"):
+        ratio = page.eval_on_selector(selector, CONTRAST)
+        assert ratio >= 4.5, f"{selector} in {scheme} mode: {ratio:.2f}:1"
+    context.close()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 900}, {"width": 390, "height": 844}], ids=["desktop", "phone"])
+def test_screenshots(browser, demo, scheme, viewport):
+    """For a person to look at: test-artifacts/page-{desktop,phone}-{light,dark}-{progress,result}.png."""
+    function = demo(DEMO_STEP_SECONDS="1")
+    phone = viewport["width"] < 500
+    context = browser.new_context(viewport=viewport, color_scheme=scheme, is_mobile=phone, has_touch=phone)
+    page = context.new_page()
+    page.goto(function.url)
+    expect(page.locator("#server")).to_be_visible()
+    name = f"page-{'phone' if phone else 'desktop'}-{scheme}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    generate(page, "A lighthouse at dusk, oil painting")
+    expect(page.locator("#phase")).to_have_text("Waiting for the model: step 1 of 4", timeout=10_000)
+    page.screenshot(path=str(ARTIFACTS / f"{name}-progress.png"))
+    expect(page.locator("#status")).to_contain_text("Done in", timeout=15_000)
+    page.screenshot(path=str(ARTIFACTS / f"{name}-result.png"))
+    context.close()

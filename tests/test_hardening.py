@@ -776,6 +776,6 @@ def test_a_log_line_that_fails_never_costs_the_answer(make_app, monkeypatch):
     def broken_log(*args, **kwargs):
         raise RuntimeError("a bug in the log line")
 
-    monkeypatch.setattr(imagegen.http.Handler, "_log", broken_log)
+    monkeypatch.setattr(imagegen.http.Handler, "_write_log", broken_log)
     answer = make_app().get("/openapi.yaml")
     assert answer.status_code == 200

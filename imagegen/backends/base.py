@@ -9,6 +9,7 @@ to backends: a backend makes exactly one try per call.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,6 +32,9 @@ class Capabilities:
     # The same seed, prompt and settings give the same image. Where False the answer's seed
     # is null and the request is never cached.
     seed: bool = True
+    # The image is a stand-in made without any model (the demo backend): never stored, and
+    # the answer's warning says so.
+    placeholder: bool = False
 
 
 def ignored_fields(request: GenerationRequest, capabilities: Capabilities) -> tuple[str, ...]:
@@ -64,7 +68,10 @@ class GenerationContext:
     def wait(self, seconds: float) -> None:
         """Sleep `seconds`, waking early (with Cancelled) when the caller goes away."""
         self.check_cancelled()
-        self.timing.sleep(seconds)
+        if self.timing.sleep is time.sleep:
+            self.cancelled.wait(seconds)  # real time: wakes the moment the caller leaves
+        else:
+            self.timing.sleep(seconds)  # a test's clock
         self.check_cancelled()
 
 

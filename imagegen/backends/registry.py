@@ -133,6 +133,18 @@ BACKENDS: Mapping[str, BackendSpec] = {
             option_defaults={"LOCAL_DEVICE": "auto", "LOCAL_DTYPE": "auto", "LOCAL_PRELOAD": "false", "LOCAL_QUEUE_MAX": "8"},
             fallback=True,
         ),
+        # Placeholders drawn here, for trying the page without an account: only when named.
+        _spec(
+            "demo",
+            "DEMO",
+            "placeholder",
+            _PLAIN_NAME,
+            "placeholder",
+            key_variables=(),
+            url_variable=None,
+            options=("DEMO_STEP_SECONDS",),
+            option_defaults={"DEMO_STEP_SECONDS": "0.4"},
+        ),
     )
 }
 
