@@ -1,13 +1,15 @@
 """Benchmarks: what the function adds to a generation, under load, at start, in memory, and cached.
 
-    .venv/bin/python bench/run.py            # about 30 seconds
-    .venv/bin/python bench/run.py --quick    # fewer rounds, about 20 seconds
+    .venv/bin/python bench/run.py            # about 60 seconds
+    .venv/bin/python bench/run.py --quick    # fewer rounds, about 40 seconds
 
 Starts the loopback stand-in router (tests/fake_router.py) serving one realistic 1024x1024 PNG
 of about 1.7 MB, and the real function under functions-framework, then prints a table of
 figure, target and measured value. Figures are medians of several rounds; latency compares
 each request through the function with one straight to the stand-in, alternating, so machine
-noise hits both alike. IMAGE_DIR is on tmpfs (/dev/shm) when there is one, because /tmp on
+noise hits both alike. The Redis rows start a throwaway loopback redis-server and compare a
+function counting its limits in Redis (STATE_URL) with one counting in memory, limits on in
+both: per request, alternating, and for the 100-request burst. IMAGE_DIR is on tmpfs (/dev/shm) when there is one, because /tmp on
 Cloud Functions is memory: on this machine's ext4 disk one write costs about 5 ms more.
 """
 
@@ -36,7 +38,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.backends import BACKENDS, measure_backend, serve_this_image  # noqa: E402
 from bench.backends import measure_cold_start as measure_backend_cold_start  # noqa: E402
+from bench.state import measure as measure_state_calls  # noqa: E402
+from imagegen.state.base import RatePolicy  # noqa: E402
+from imagegen.state.memory import MemoryState  # noqa: E402
+from imagegen.state.redis import RedisState, connect  # noqa: E402
 from tests.fake_router import FakeRouter  # noqa: E402
+from tests.redis_server import start_redis  # noqa: E402
 from tests.servers import BIN_DIR, free_port, wait_until  # noqa: E402
 
 TOKEN = "hf_bench_token_0000000000000000"
@@ -45,6 +52,9 @@ CONCURRENT_REQUESTS = 100
 UPSTREAM_SECONDS = 2.0
 # (workers, threads per worker): the README's two recommended deployments, 1 and 2 vCPUs.
 CONFIGURATIONS = ((1, 128), (2, 64))
+# Limits on, high enough never to refuse (a refusal is cheaper and would flatter the figures):
+# the function then makes its two state calls (rate limit, budget) on every request.
+LIMITS_ON = {"RATE_LIMIT_PER_MINUTE": "100000", "RATE_LIMIT_BURST": "100000", "DAILY_IMAGE_LIMIT": "100000000"}
 
 
 def realistic_png(side: int = 1024) -> bytes:
@@ -168,13 +178,57 @@ def measure_overhead(router: FakeRouter, tmp: str, rounds: int, per_round: int) 
     return statistics.median(added), statistics.median(direct_all), statistics.median(through_all)
 
 
+def measure_state_added(router: FakeRouter, tmp: str, redis_url: str, rounds: int, per_round: int) -> tuple[float, float, float]:
+    """Median ms Redis adds to a request through the function: the same request to a function
+    counting in memory and to one counting in Redis (limits on in both), alternating; the
+    median of each round's paired differences, and the two medians."""
+    memory = start_function(router.url, f"{tmp}/state-memory", CACHE="false", **LIMITS_ON)
+    shared = start_function(router.url, f"{tmp}/state-redis", CACHE="false", STATE_URL=redis_url, STATE_FAILURE="closed", **LIMITS_ON)
+    wait_ready(memory)
+    wait_ready(shared)
+    sessions = {memory.url: requests.Session(), shared.url: requests.Session()}
+    for _ in range(5):
+        for url, session in sessions.items():
+            timed_post(session, f"{url}/api/generate-image", json={"prompt": "warm"})
+    added, memory_all, shared_all = [], [], []
+    try:
+        for _ in range(rounds):
+            differences = []
+            for _ in range(per_round):
+                m, first = timed_post(sessions[memory.url], f"{memory.url}/api/generate-image", json={"prompt": "a fox"})
+                r, second = timed_post(sessions[shared.url], f"{shared.url}/api/generate-image", json={"prompt": "a fox"})
+                assert first.status_code == second.status_code == 200, (first.text[:200], second.text[:200])
+                differences.append(r - m)
+                memory_all.append(m)
+                shared_all.append(r)
+            added.append(statistics.median(differences))
+    finally:
+        memory.stop()
+        shared.stop()
+    return statistics.median(added), statistics.median(memory_all), statistics.median(shared_all)
+
+
+def measure_state_calls_alone(redis_url: str, rounds: int) -> tuple[float, float]:
+    """Median ms of the two state calls (take_rate + reserve) in memory and in Redis, in this
+    process, one thread: bench/state.py's measurement, without HTTP around it."""
+    policy = RatePolicy(per_minute=100_000, burst=100_000)
+    memory = MemoryState(policy, 100_000_000, 100_000_000)
+    shared = RedisState(connect(redis_url, timeout=5), policy, 100_000_000, 100_000_000, failure="closed", namespace="bench-calls")
+    try:
+        measure_state_calls({"memory": memory, "redis": shared}, 200, 1)  # warm up
+        timings = measure_state_calls({"memory": memory, "redis": shared}, rounds, 1)
+    finally:
+        shared.close()
+    return statistics.median(timings["memory"]), statistics.median(timings["redis"])
+
+
 def measure_concurrency(
-    router: FakeRouter, tmp: str, rounds: int, workers: int, threads: int
+    router: FakeRouter, tmp: str, rounds: int, workers: int, threads: int, **env: str
 ) -> tuple[float, int, tuple[float, float]]:
     """Wall seconds for 100 concurrent 2 s generations, how many succeeded, and peak RSS and PSS in MB."""
     router.delay_seconds = UPSTREAM_SECONDS
     function = start_function(
-        router.url, f"{tmp}/concurrency-{workers}", CACHE="false", THREADS=str(threads), WORKERS=str(workers)
+        router.url, f"{tmp}/concurrency-{workers}-{len(env)}", CACHE="false", THREADS=str(threads), WORKERS=str(workers), **env
     )
     wait_ready(function)
     walls, peaks, successes = [], [], []
@@ -250,6 +304,24 @@ def measure_cache(router: FakeRouter, tmp: str, per_round: int) -> tuple[float, 
     return statistics.median(misses), statistics.median(hits), len(router.posts()) - before
 
 
+def measure_redis(router: FakeRouter, tmp: str, rounds: int, quick: bool) -> list[tuple[str, str, str]]:
+    """The rows for shared state in Redis (STATE_URL): a throwaway loopback redis-server."""
+    server = start_redis(Path(tmp) / "redis.log")
+    rows = []
+    try:
+        memory_ms, redis_ms = measure_state_calls_alone(server.url, 2000 if quick else 5000)
+        rows.append(("Redis: the two state calls alone (median, one thread)", "< 1 ms added", f"{redis_ms - memory_ms:.3f} ms ({memory_ms:.3f} -> {redis_ms:.3f} ms)"))
+        added, memory, shared = measure_state_added(router, tmp, server.url, rounds, 10 if quick else 20)
+        rows.append(("Redis: added per request through the function", "< 1 ms", f"{added:.2f} ms ({memory:.1f} -> {shared:.1f} ms)"))
+        workers, threads = CONFIGURATIONS[0]
+        for label, env in (("memory", LIMITS_ON), ("Redis", {**LIMITS_ON, "STATE_URL": server.url, "STATE_FAILURE": "closed"})):
+            wall, ok, peak = measure_concurrency(router, tmp, 2 if quick else 3, workers, threads, **env)
+            rows.append((f"{CONCURRENT_REQUESTS} concurrent, limits on, state in {label}, WORKERS={workers}", "<= 2.5 s, all 200", f"{wall:.2f} s, {ok}/{CONCURRENT_REQUESTS} ok, RSS {peak[0]:.0f} MB"))
+    finally:
+        server.stop()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
@@ -280,6 +352,7 @@ def main() -> None:
             miss, hit, calls = measure_cache(router, tmp, 5 if args.quick else 10)
             misses = 5 if args.quick else 10
             results.append(("Cache: seeded repeat answered from storage", "no upstream call", f"hit {hit:.1f} ms vs miss {miss:.1f} ms; {calls} upstream calls for {misses} misses + {3 * misses} hits"))
+            results.extend(measure_redis(router, tmp, rounds, args.quick))
         finally:
             router.stop()
     print(f"\nimagegen benchmarks: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, PNG {len(png) / 1e6:.2f} MB\n")

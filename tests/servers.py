@@ -86,8 +86,9 @@ def start_process(
     return server
 
 
-def start_function(env_overrides: dict[str, str], log_path: Path) -> Process:
-    """The real function under `functions-framework`, as a user runs it locally."""
+def start_function(env_overrides: dict[str, str], log_path: Path, source: str = "main.py") -> Process:
+    """The real function under `functions-framework`, as a user runs it locally (`source`: the
+    entry point, relative to the repository)."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "IMAGE_", "CORS_"))}
     env.pop("HUGGING_FACE_API_KEY", None)
@@ -96,7 +97,7 @@ def start_function(env_overrides: dict[str, str], log_path: Path) -> Process:
     command = [
         str(BIN_DIR / "functions-framework"),
         "--target=generate_image",
-        "--source=main.py",
+        f"--source={source}",
         "--host=127.0.0.1",
         f"--port={port}",
     ]

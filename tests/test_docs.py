@@ -31,7 +31,8 @@ def read_env_yaml() -> dict[str, str]:
 
 
 # Secrets reach the function through Secret Manager (--set-secrets), never env.yaml.
-SECRETS = {"API_KEYS"} | {variable for spec in BACKENDS.values() for variable in spec.key_variables}
+# STATE_URL holds the Redis password when there is one.
+SECRETS = {"API_KEYS", "STATE_URL"} | {variable for spec in BACKENDS.values() for variable in spec.key_variables}
 
 
 def backend_variables() -> set[str]:
@@ -51,7 +52,10 @@ def test_env_yaml_holds_the_defaults_and_no_secret():
 
 
 def test_every_setting_is_in_the_readme_and_env_yaml():
-    config_source = (REPO_ROOT / "imagegen" / "config.py").read_text()
+    # Settings are read in config.py and, for the shared state, in state/settings.py.
+    config_source = "".join(
+        (REPO_ROOT / "imagegen" / path).read_text() for path in ("config.py", "state/settings.py")
+    )
     variables = set(re.findall(r'get\("([A-Z][A-Z_]+)"\)', config_source)) | {"IMAGE_PREFIX"} | backend_variables()
     variables |= {f"{name}_SECONDS" for name in ("TIMEOUT", "DEADLINE")} | {"MAX_RETRIES"}
     assert variables - SECRETS <= set(read_env_yaml())

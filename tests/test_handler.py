@@ -95,6 +95,49 @@ def error_of(answer, status: int, code: str) -> dict:
     return body
 
 
+def rate_limit_fields(answer) -> tuple[str, int, int]:
+    """(policy, remaining, seconds until whole) from an answer's RateLimit headers."""
+    name, remaining, reset = answer.headers["RateLimit"].split(";")
+    assert name == '"caller"'
+    return answer.headers["RateLimit-Policy"], int(remaining.removeprefix("r=")), int(reset.removeprefix("t="))
+
+
+def test_answers_carry_the_callers_rate_limit_refusals_included(make_app, mocked):
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    app = make_app(RATE_LIMIT_BURST="2", RATE_LIMIT_PER_MINUTE="1")
+    answers = [app.post("/", json={"prompt": f"fox {i}"}) for i in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    # Two in a window of 120 s; after the first one left and whole in 60 s, then none and 120 s.
+    policy = '"caller";q=2;w=120'
+    assert rate_limit_fields(answers[0]) == (policy, 1, 60)
+    assert rate_limit_fields(answers[1])[:2] == (policy, 0) and rate_limit_fields(answers[1])[2] in (119, 120)
+    refused = answers[2]
+    assert refused.get_json()["code"] == "rate_limited"
+    assert rate_limit_fields(refused)[:2] == (policy, 0) and int(refused.headers["Retry-After"]) in (59, 60)
+    assert len(mocked.calls) == 2
+
+
+def test_no_rate_limit_headers_when_the_limit_is_off(make_app, mocked):
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    answer = make_app(RATE_LIMIT_PER_MINUTE="0").post("/", json={"prompt": "fox"})
+    assert answer.status_code == 200
+    assert "RateLimit" not in answer.headers and "RateLimit-Policy" not in answer.headers
+
+
+def test_a_cached_answer_spends_none_of_the_rate(make_app, mocked):
+    mocked.post(URL, body=make_png(), content_type="image/png")
+    app = make_app(RATE_LIMIT_BURST="2", RATE_LIMIT_PER_MINUTE="1")
+    first = app.post("/", json={"prompt": "a heron", "seed": 4})
+    assert rate_limit_fields(first)[1] == 1
+    for _ in range(3):
+        repeat = app.post("/", json={"prompt": "a heron", "seed": 4})
+        assert repeat.status_code == 200 and repeat.get_json()["cached"] is True
+        assert "RateLimit" not in repeat.headers  # it asked nothing of the limits
+    other = app.post("/", json={"prompt": "an egret"})
+    assert other.status_code == 200 and rate_limit_fields(other)[1] == 0  # the second of two
+    assert len(mocked.calls) == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, status, code",
     [
