@@ -242,7 +242,7 @@ def test_deadline_passing_in_the_queue_is_a_timeout_naming_the_local_model(tiny_
             generate(backend, context(seconds=0.3), seed=2)
         assert time.monotonic() - started < 5
         assert "waited for the local model" in timeout.value.message
-        assert timeout.value.code == "local_model_timeout"
+        assert timeout.value.code == "upstream_timeout" and timeout.value.status == 504
     finally:
         holder_sink.release.set()
     assert holder.result().seed == 1
