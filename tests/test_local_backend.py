@@ -399,3 +399,16 @@ def test_turbo_models_get_their_own_defaults() -> None:
         GenerationRequest(prompt="p", negative_prompt="n"), known_defaults("x/y"), accepts - {"negative_prompt"}
     )
     assert arguments == {"prompt": "p"} and ignored == ("negativePrompt",)
+
+
+@needs_diffusers
+def test_a_folder_named_for_a_turbo_model_gets_its_defaults(tiny_model: str, tmp_path: Path) -> None:
+    # No fp16 files in this folder: the fp16 try falls through to the full ones.
+    folder = tmp_path / "sd-turbo"
+    shutil.copytree(tiny_model, folder)
+    backend = make_backend(str(folder))
+    sink = Events()
+    request = GenerationRequest(prompt="a lighthouse", seed=3)
+    image = backend.generate(Route("local", str(folder)), request, context(sink))
+    assert png_size(image.png) == (512, 512)
+    assert [s["steps"] for s in sink.steps()] == [1]  # one step, as sd-turbo runs

@@ -463,9 +463,10 @@ def _load_pipeline(model: str, options: LocalOptions) -> _Loaded:
     dtype = getattr(torch, dtype_name)
     try:
         pipeline = None
-        if not is_folder and known_defaults(model).fp16_variant:
+        if known_defaults(model).fp16_variant:
             # The fp16 files are half the download (sd-turbo: 2.6 GB, not 5.2) and load as fp32
-            # on a CPU just as well. A cache that holds only the full files falls through.
+            # on a CPU just as well; a folder may hold only them. A cache or a folder that holds
+            # only the full files falls through.
             try:
                 pipeline = auto_pipeline.from_pretrained(model, dtype=dtype, variant="fp16")
             except Exception as error:
