@@ -412,3 +412,59 @@ def test_a_folder_named_for_a_turbo_model_gets_its_defaults(tiny_model: str, tmp
     image = backend.generate(Route("local", str(folder)), request, context(sink))
     assert png_size(image.png) == (512, 512)
     assert [s["steps"] for s in sink.steps()] == [1]  # one step, as sd-turbo runs
+
+
+PROBE = '''
+import os, sys, time
+sys.path.insert(0, os.environ["IMAGEGEN_ROOT"])
+import functions_framework
+from imagegen.backends.base import GenerationContext
+from imagegen.backends.local import LocalBackend
+from imagegen.config import BackendSettings
+from imagegen.domain import GenerationRequest, Route
+
+IMPORTED_IN = os.getpid()
+backend = LocalBackend(BackendSettings(name="local", model=os.environ["LOCAL_MODEL"], options={"LOCAL_PRELOAD": "true"}))
+backend.preload_after_fork()
+TORCH_AT_IMPORT = "torch" in sys.modules
+
+
+@functions_framework.http
+def probe(request):
+    if request.method != "GET":
+        return ""
+    deadline = time.monotonic() + 60
+    while backend.loaded_model is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    loaded = backend.loaded_model
+    request = GenerationRequest(prompt="x", width=64, height=64, steps=1, seed=1)
+    image = backend.generate(Route("local", backend.default_model), request, GenerationContext(deadline=time.monotonic() + 60))
+    return {"pid": os.getpid(), "imported_in": IMPORTED_IN, "torch_at_import": TORCH_AT_IMPORT,
+            "loaded_before_request": loaded, "timings": image.timings_ms, "png": len(image.png)}
+'''
+
+
+@needs_diffusers
+def test_preload_after_fork_loads_in_the_functions_framework_worker(tiny_model: str, tmp_path: Path) -> None:
+    """gunicorn imports the source in its parent and forks the worker: the model must load in
+    the worker (after the fork), and the lock made in the parent must be free there."""
+    import requests
+
+    from tests.servers import BIN_DIR, free_port, start_process
+
+    source = tmp_path / "probe.py"
+    source.write_text(PROBE, encoding="utf-8")
+    port = free_port()
+    env = {**os.environ, "IMAGEGEN_ROOT": str(REPO_ROOT), "LOCAL_MODEL": tiny_model, "HF_HUB_OFFLINE": "1"}
+    command = [str(BIN_DIR / "functions-framework"), "--target=probe", f"--source={source}", "--host=127.0.0.1", f"--port={port}"]
+    server = start_process(command, env, port, tmp_path / "probe.log", "/")
+    try:
+        answer = requests.get(server.url + "/", timeout=WAIT * 2)
+        assert answer.status_code == 200, server.log()
+        body = answer.json()
+    finally:
+        server.stop()
+    assert body["pid"] != body["imported_in"]  # the worker is a forked child
+    assert body["torch_at_import"] is False
+    assert body["loaded_before_request"] == tiny_model
+    assert "load" not in body["timings"] and body["png"] > 0
