@@ -67,3 +67,11 @@ def test_every_error_code_has_a_troubleshooting_row():
     table = README.split("## Troubleshooting", 1)[1]
     for code in codes_in_source():
         assert f"`{code}`" in table, code
+
+
+def test_every_backend_has_a_row_in_the_choice_table_and_a_section():
+    table = README.split("**Which backend should I use?**", 1)[1].split("\n\n", 2)[1]
+    rows = set(re.findall(r"^\| `([a-z]+)` \|", table, re.M))
+    assert rows == set(BACKENDS)
+    for name in BACKENDS:
+        assert re.search(rf"^### .*\(`{name}`\)", README, re.M), name
