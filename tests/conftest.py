@@ -21,6 +21,10 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(SETTING_PREFIXES):
             monkeypatch.delenv(name)
+    # Nor from the local model being installed (CI installs requirements-local.txt): with no
+    # key it would be the default backend. Tests of that default say so with BACKENDS=local,
+    # or run a function process, which sees what is installed.
+    monkeypatch.setattr("imagegen.backends.registry.local_model_installed", lambda: False)
 
 
 @pytest.fixture

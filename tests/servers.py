@@ -114,3 +114,18 @@ def start_storage_emulator(log_path: Path) -> Process:
         "--in-memory",
     ]
     return start_process(command, dict(os.environ), port, log_path, "/")
+
+
+def without_local_model(directory: Path) -> dict[str, str]:
+    """Settings for a function process that must not find torch or diffusers even where
+    requirements-local.txt is installed: a server with nothing configured at all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'diffusers'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, _Hide())\n"
+    )
+    return {"PYTHONPATH": str(directory)}

@@ -11,6 +11,7 @@ from PIL import Image
 
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import Reply
+from tests.servers import without_local_model
 
 MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 
@@ -124,7 +125,7 @@ def test_unreachable_router_is_502(run_function, tmp_path):
 
 
 def test_starts_without_a_token_and_says_which_variable(run_function, router, tmp_path):
-    function = run_function(HF_ROUTER_URL=router.url, IMAGE_DIR=str(tmp_path))
+    function = run_function(HF_ROUTER_URL=router.url, IMAGE_DIR=str(tmp_path), **without_local_model(tmp_path / "site"))
     answer = post(function, {"prompt": "x"})
     assert answer.status_code == 500 and "HUGGING_FACE_API_KEY" in answer.json()["error"]
     assert router.requests == []

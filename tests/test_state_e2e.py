@@ -180,7 +180,7 @@ def test_the_daily_budget_is_never_exceeded_under_200_concurrent_requests(redis_
 
 
 def test_each_callers_daily_budget_holds_across_processes(redis_server, functions, router):
-    one, two = functions(2, state_url(redis_server.port), DAILY_IMAGE_LIMIT_PER_CALLER="3")
+    one, two = functions(2, state_url(redis_server.port), DAILY_IMAGE_LIMIT_PER_CALLER="3", TRUSTED_PROXY_HOPS="1")
     # The platform's front end appends the caller's address to X-Forwarded-For
     # (TRUSTED_PROXY_HOPS=1): two callers, two addresses.
     callers = ["203.0.113.10", "203.0.113.20"]

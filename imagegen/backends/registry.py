@@ -151,7 +151,10 @@ BACKENDS: Mapping[str, BackendSpec] = {
 
 def local_model_installed() -> bool:
     """Whether the local model's libraries are installed (found without importing them)."""
-    return all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers"))
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers"))
+    except (ImportError, ValueError):  # a broken install, or an import hook that refuses them
+        return False
 
 
 def create_backends(settings: Settings, session: requests.Session) -> dict[str, Backend]:
