@@ -7,13 +7,13 @@ fix instead of failing somewhere deep in a request.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from imagegen.env_values import invalid_setting, parse_boolean, parse_choice, parse_number
 from imagegen.errors import ConfigurationError
 from imagegen.state.base import RatePolicy
 from imagegen.state.settings import StateSettings, load_state_settings
@@ -150,7 +150,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     )
     auth_mode = get("AUTH_MODE") or "none"
     if auth_mode not in AUTH_MODES:
-        raise _invalid("AUTH_MODE", auth_mode, "one of " + ", ".join(AUTH_MODES))
+        raise invalid_setting("AUTH_MODE", auth_mode, "one of " + ", ".join(AUTH_MODES))
     origins = _origins(get("CORS_ALLOWED_ORIGINS") or "*")
     if auth_mode != "none" and "*" in origins:
         raise ConfigurationError(
@@ -159,11 +159,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             code="invalid_configuration",
         )
     sections = _backend_sections(get, token, model, allowed)
-    rate_limit_per_minute = _number(
+    rate_limit_per_minute = parse_number(
         "RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE"), DEFAULT_RATE_LIMIT_PER_MINUTE, 0, 100_000
     )
     rate_limit_burst = int(
-        _number("RATE_LIMIT_BURST", get("RATE_LIMIT_BURST"), DEFAULT_RATE_LIMIT_BURST, 1, 100_000, integer=True)
+        parse_number("RATE_LIMIT_BURST", get("RATE_LIMIT_BURST"), DEFAULT_RATE_LIMIT_BURST, 1, 100_000, integer=True)
     )
     return Settings(
         state=load_state_settings(get, rate_limit_per_minute=rate_limit_per_minute, rate_limit_burst=rate_limit_burst),
@@ -174,13 +174,13 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         hf_model=model,
         # The default model is always allowed: a request without "model" must work.
         hf_allowed_models=tuple(dict.fromkeys((model, *allowed))),
-        timeout_seconds=_number(*_either(get, "TIMEOUT_SECONDS"), DEFAULT_TIMEOUT_SECONDS, 1, 3600),
-        deadline_seconds=_number(*_either(get, "DEADLINE_SECONDS"), DEFAULT_DEADLINE_SECONDS, 1, 3600),
-        max_retries=int(_number(*_either(get, "MAX_RETRIES"), DEFAULT_MAX_RETRIES, 0, 10, integer=True)),
+        timeout_seconds=parse_number(*_either(get, "TIMEOUT_SECONDS"), DEFAULT_TIMEOUT_SECONDS, 1, 3600),
+        deadline_seconds=parse_number(*_either(get, "DEADLINE_SECONDS"), DEFAULT_DEADLINE_SECONDS, 1, 3600),
+        max_retries=int(parse_number(*_either(get, "MAX_RETRIES"), DEFAULT_MAX_RETRIES, 0, 10, integer=True)),
         hf_provider=provider,
         hf_allowed_providers=tuple(dict.fromkeys((provider, *allowed_providers))),
         hf_hub_url=_http_url("HF_HUB_URL", get("HF_HUB_URL") or DEFAULT_HUB_URL),
-        hf_mapping_ttl_seconds=_number(
+        hf_mapping_ttl_seconds=parse_number(
             "HF_MAPPING_TTL_SECONDS",
             get("HF_MAPPING_TTL_SECONDS"),
             DEFAULT_MAPPING_TTL_SECONDS,
@@ -189,7 +189,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
         image_dir=Path(get("IMAGE_DIR") or DEFAULT_IMAGE_DIR),
         image_dir_max_files=int(
-            _number(
+            parse_number(
                 "IMAGE_DIR_MAX_FILES",
                 get("IMAGE_DIR_MAX_FILES"),
                 DEFAULT_IMAGE_DIR_MAX_FILES,
@@ -208,7 +208,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         rate_limit_per_minute=rate_limit_per_minute,
         rate_limit_burst=rate_limit_burst,
         trusted_proxy_hops=int(
-            _number(
+            parse_number(
                 "TRUSTED_PROXY_HOPS",
                 get("TRUSTED_PROXY_HOPS"),
                 DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN if environ.get("K_SERVICE", "").strip() else DEFAULT_TRUSTED_PROXY_HOPS_ELSEWHERE,
@@ -217,14 +217,14 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
                 integer=True,
             )
         ),
-        log_prompts=_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
+        log_prompts=parse_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
         request_head_timeout_seconds=request_head_timeout_seconds(environ),
-        log_format=_choice("LOG_FORMAT", (get("LOG_FORMAT") or "auto").lower(), LOG_FORMATS),
+        log_format=parse_choice("LOG_FORMAT", (get("LOG_FORMAT") or "auto").lower(), LOG_FORMATS),
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),
-        cache=_boolean("CACHE", get("CACHE"), default=True),
-        serve_page=_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
+        cache=parse_boolean("CACHE", get("CACHE"), default=True),
+        serve_page=parse_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
         max_prompt_chars=int(
-            _number(
+            parse_number(
                 "MAX_PROMPT_CHARS",
                 get("MAX_PROMPT_CHARS"),
                 DEFAULT_MAX_PROMPT_CHARS,
@@ -282,7 +282,7 @@ def _backend_sections(
 
 def _backend_model(spec, variable: str, raw: str) -> str:
     if not spec.model_pattern.fullmatch(raw) or ".." in raw.split("/"):
-        raise _invalid(variable, raw, f"a {spec.name} model name such as '{spec.model_example}'")
+        raise invalid_setting(variable, raw, f"a {spec.name} model name such as '{spec.model_example}'")
     return raw
 
 
@@ -296,7 +296,7 @@ def _enabled_backends(get: Callable[[str], str | None], sections: Mapping[str, B
         names = tuple(dict.fromkeys(item.strip().lower() for item in raw.split(",") if item.strip()))
         unknown = [name for name in names if name not in BACKENDS]
         if unknown or not names:
-            raise _invalid("BACKENDS", raw, "a comma-separated list of " + ", ".join(BACKENDS))
+            raise invalid_setting("BACKENDS", raw, "a comma-separated list of " + ", ".join(BACKENDS))
         return names
     configured = tuple(
         name
@@ -312,35 +312,7 @@ def _enabled_backends(get: Callable[[str], str | None], sections: Mapping[str, B
 def request_head_timeout_seconds(environ: Mapping[str, str]) -> float:
     """REQUEST_HEAD_TIMEOUT_SECONDS, which main.py needs before the settings exist (gunicorn)."""
     raw = environ.get("REQUEST_HEAD_TIMEOUT_SECONDS", "").strip() or None
-    return _number("REQUEST_HEAD_TIMEOUT_SECONDS", raw, DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS, 1, 300)
-
-
-def _invalid(name: str, value: str, expected: str) -> ConfigurationError:
-    return ConfigurationError(
-        f"Environment variable {name} is invalid: expected {expected}, got {value!r}.",
-        code="invalid_configuration",
-    )
-
-
-def _number(
-    name: str,
-    raw: str | None,
-    default: float,
-    low: float,
-    high: float,
-    *,
-    integer: bool = False,
-) -> float:
-    if raw is None:
-        return default
-    kind = "an integer" if integer else "a number"
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        raise _invalid(name, raw, f"{kind} from {low:g} to {high:g}") from None
-    if not (math.isfinite(value) and low <= value <= high):
-        raise _invalid(name, raw, f"{kind} from {low:g} to {high:g}")
-    return value
+    return parse_number("REQUEST_HEAD_TIMEOUT_SECONDS", raw, DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS, 1, 300)
 
 
 def _api_keys(raw: str | None, required: bool) -> tuple[str, ...]:
@@ -378,39 +350,22 @@ def _audience(mode: str, audience: str | None, project: str | None) -> str | Non
     return audience
 
 
-def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
-    if raw not in choices:
-        raise _invalid(name, raw, "one of " + ", ".join(choices))
-    return raw
-
-
-def _boolean(name: str, raw: str | None, default: bool) -> bool:
-    if raw is None:
-        return default
-    value = raw.lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise _invalid(name, raw, "true or false")
-
-
 def _http_url(name: str, raw: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise _invalid(name, raw, "an http(s) URL such as https://router.huggingface.co")
+        raise invalid_setting(name, raw, "an http(s) URL such as https://router.huggingface.co")
     return raw.rstrip("/")
 
 
 def _model_id(name: str, raw: str) -> str:
     if not MODEL_ID_PATTERN.fullmatch(raw) or ".." in raw:
-        raise _invalid(name, raw, "a Hugging Face model id such as 'owner/model-name'")
+        raise invalid_setting(name, raw, "a Hugging Face model id such as 'owner/model-name'")
     return raw
 
 
 def _provider(name: str, raw: str) -> str:
     if raw not in KNOWN_PROVIDERS:
-        raise _invalid(name, raw, "one of " + ", ".join(KNOWN_PROVIDERS))
+        raise invalid_setting(name, raw, "one of " + ", ".join(KNOWN_PROVIDERS))
     return raw
 
 
@@ -423,14 +378,14 @@ def _model_list(name: str, raw: str | None) -> tuple[str, ...]:
 def _bucket_name(raw: str) -> str:
     name = raw.removeprefix("gs://").rstrip("/")
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", name):
-        raise _invalid("IMAGE_BUCKET", raw, "a Cloud Storage bucket name such as 'my-images'")
+        raise invalid_setting("IMAGE_BUCKET", raw, "a Cloud Storage bucket name such as 'my-images'")
     return name
 
 
 def _object_prefix(raw: str) -> str:
     # The prefix is the owner's, but it must not start at the bucket root with '/' or climb out.
     if raw.startswith("/") or ".." in raw.split("/") or "\n" in raw:
-        raise _invalid("IMAGE_PREFIX", raw, "a relative object prefix such as 'images/'")
+        raise invalid_setting("IMAGE_PREFIX", raw, "a relative object prefix such as 'images/'")
     return raw
 
 
@@ -441,7 +396,7 @@ def _origins(raw: str) -> tuple[str, ...]:
             continue
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
-            raise _invalid(
+            raise invalid_setting(
                 "CORS_ALLOWED_ORIGINS", raw, "'*' or origins such as 'https://app.example.com'"
             )
     return origins or ("*",)

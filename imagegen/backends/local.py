@@ -38,6 +38,7 @@ from typing import Any
 
 from imagegen.backends.base import Capabilities, GenerationContext
 from imagegen.config import BackendSettings, Settings
+from imagegen.env_values import parse_boolean, parse_choice, parse_number
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import (
     BackendBusy,
@@ -92,10 +93,14 @@ class LocalOptions:
 def load_local_options(options: Mapping[str, str]) -> LocalOptions:
     """Check the raw LOCAL_* strings; a bad value raises ConfigurationError naming the variable."""
     return LocalOptions(
-        device=_choice("LOCAL_DEVICE", options.get("LOCAL_DEVICE"), DEVICES),
-        dtype=_choice("LOCAL_DTYPE", options.get("LOCAL_DTYPE"), DTYPES),
-        preload=_boolean("LOCAL_PRELOAD", options.get("LOCAL_PRELOAD")),
-        queue_max=_queue_max(options.get("LOCAL_QUEUE_MAX")),
+        device=parse_choice("LOCAL_DEVICE", _given(options, "LOCAL_DEVICE"), DEVICES, default="auto"),
+        dtype=parse_choice("LOCAL_DTYPE", _given(options, "LOCAL_DTYPE"), DTYPES, default="auto"),
+        preload=parse_boolean("LOCAL_PRELOAD", _given(options, "LOCAL_PRELOAD"), default=False),
+        queue_max=int(
+            parse_number(
+                "LOCAL_QUEUE_MAX", _given(options, "LOCAL_QUEUE_MAX"), DEFAULT_QUEUE_MAX, 0, MAX_QUEUE_MAX, integer=True
+            )
+        ),
     )
 
 
@@ -634,41 +639,10 @@ def _run_error(reason: str) -> ImageGenError:
 # --- settings -------------------------------------------------------------------------------
 
 
-def _choice(name: str, raw: str | None, allowed: tuple[str, ...]) -> str:
-    if raw is None or not raw.strip():
-        return allowed[0]
-    value = raw.strip().lower()
-    if value not in allowed:
-        raise _invalid(name, raw, "one of " + ", ".join(allowed))
-    return value
-
-
-def _boolean(name: str, raw: str | None) -> bool:
-    if raw is None or not raw.strip():
-        return False
-    value = raw.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise _invalid(name, raw, "true or false")
-
-
-def _queue_max(raw: str | None) -> int:
-    if raw is None or not raw.strip():
-        return DEFAULT_QUEUE_MAX
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_QUEUE_MAX:
-        raise _invalid("LOCAL_QUEUE_MAX", raw, f"an integer from 0 to {MAX_QUEUE_MAX}")
-    return value
-
-
-def _invalid(name: str, value: str, expected: str) -> ConfigurationError:
-    return ConfigurationError(f"Environment variable {name} is invalid: expected {expected}, got {value!r}.")
-
-
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
+
+
+def _given(options: Mapping[str, str], name: str) -> str | None:
+    """An option as config reads it: stripped, None when unset or blank."""
+    return (options.get(name) or "").strip() or None

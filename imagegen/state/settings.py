@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-from imagegen.errors import ConfigurationError
+from imagegen.env_values import invalid_setting
 from imagegen.state.base import RatePolicy
 
 FAILURE_MODES = ("open", "closed")
@@ -45,10 +45,10 @@ def load_state_settings(
         _check_url(url)
     failure = (get("STATE_FAILURE") or "open").lower()
     if failure not in FAILURE_MODES:
-        raise _invalid("STATE_FAILURE", failure, "open or closed")
+        raise invalid_setting("STATE_FAILURE", failure, "open or closed")
     cluster = (get("STATE_CLUSTER") or "false").lower()
     if cluster not in ("true", "false"):
-        raise _invalid("STATE_CLUSTER", cluster, "true or false")
+        raise invalid_setting("STATE_CLUSTER", cluster, "true or false")
     return StateSettings(
         rate=RatePolicy(per_minute=rate_limit_per_minute, burst=rate_limit_burst),
         url=url,
@@ -79,10 +79,10 @@ def _check_url(url: str) -> None:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
-        raise _invalid("STATE_URL", redact_url(url), expected) from None
+        raise invalid_setting("STATE_URL", redact_url(url), expected) from None
     database = parts.path.lstrip("/")
     if parts.scheme not in STATE_SCHEMES or not parts.hostname or (database and not database.isdigit()):
-        raise _invalid("STATE_URL", redact_url(url), expected)
+        raise invalid_setting("STATE_URL", redact_url(url), expected)
 
 
 def _limit(name: str, raw: str | None) -> int:
@@ -91,14 +91,7 @@ def _limit(name: str, raw: str | None) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise _invalid(name, raw, f"a whole number of images from 0 (no limit) to {MAX_DAILY_LIMIT}") from None
+        raise invalid_setting(name, raw, f"a whole number of images from 0 (no limit) to {MAX_DAILY_LIMIT}") from None
     if not 0 <= value <= MAX_DAILY_LIMIT:
-        raise _invalid(name, raw, f"a whole number of images from 0 (no limit) to {MAX_DAILY_LIMIT}")
+        raise invalid_setting(name, raw, f"a whole number of images from 0 (no limit) to {MAX_DAILY_LIMIT}")
     return value
-
-
-def _invalid(name: str, shown: str, expected: str) -> ConfigurationError:
-    return ConfigurationError(
-        f"Environment variable {name} is invalid: expected {expected}, got {shown!r}.",
-        code="invalid_configuration",
-    )
