@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ from tests.fake_router import FakeRouter
 from tests.servers import REPO_ROOT, Process, start_function, start_storage_emulator
 
 TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"
+# The local backend's libraries (requirements-local.txt); tests that run a model skip without them.
+HAVE_DIFFUSERS = all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers", "transformers"))
 SETTING_PREFIXES = ("HF_", "HUGGING_FACE", "IMAGE_", "CORS_", "MAX_PROMPT", "STORAGE_EMULATOR", "K_SERVICE", "TRUSTED_PROXY")
 
 
@@ -74,3 +77,23 @@ def storage_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proce
     emulator = start_storage_emulator(tmp_path_factory.mktemp("gcs") / "emulator.log")
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random-weight Stable Diffusion folder (tests/tiny_pipeline.py), built once per
+    session and shared by the backend tests and the end-to-end ones."""
+    if not HAVE_DIFFUSERS:
+        pytest.skip("torch/diffusers not installed: pip install -r requirements-local.txt")
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True  # in case huggingface_hub was imported first
+    import torch
+
+    # The tiny model gains nothing from a second thread, and on shared cores torch's threads
+    # wait for each other at every operation: one thread made these tests several times faster
+    # under load. Same bytes either way within the process, which is all the tests compare.
+    torch.set_num_threads(1)
+    from tests.tiny_pipeline import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd")))

@@ -74,7 +74,9 @@ def start_process(
             raise RuntimeError(f"{command[0]} exited with {process.returncode}:\n{server.log()}")
         try:
             requests.options(server.url + ready_path, timeout=1)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
+            # A timeout too: a worker that loads a local model at start (LOCAL_PRELOAD) can
+            # take longer than the probe's second to answer its first request.
             return False
         return True
 
