@@ -59,11 +59,12 @@ def make_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 @pytest.fixture
 def run_function(tmp_path: Path) -> Iterator[Callable[..., Process]]:
-    """Start the real function process (functions-framework) with these settings."""
+    """Start the real function process (functions-framework) with these settings; `source`:
+    another entry point than main.py (tests/*_main.py)."""
     started: list[Process] = []
 
-    def run(**env: str) -> Process:
-        process = start_function(env, tmp_path / f"function-{len(started)}.log")
+    def run(source: str = "main.py", **env: str) -> Process:
+        process = start_function(env, tmp_path / f"function-{len(started)}.log", source)
         started.append(process)
         return process
 

@@ -321,7 +321,8 @@ def test_cancel_in_the_page_stops_the_work_on_the_server(page, demo):
 
 
 def test_a_server_without_backends_says_so_before_generate(page, run_function, tmp_path):
-    function = run_function(IMAGE_DIR=str(tmp_path))
+    # No key, and (as on a deployment without requirements-local.txt) no local model either.
+    function = run_function(source="tests/no_local_main.py", IMAGE_DIR=str(tmp_path))
     page.goto(function.url)
     expect(page.locator("#notice")).to_contain_text("This server has no API key or local model configured")
     expect(page.locator("#generate")).to_be_disabled()
