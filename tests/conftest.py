@@ -26,6 +26,14 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def no_local_model_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process, as on a deployment without requirements-local.txt: no key means no
+    backend, even where torch and diffusers are installed (CI installs them). The local
+    model's tests name LOCAL_MODEL or BACKENDS, or run their own function process."""
+    monkeypatch.setattr("imagegen.backends.registry.local_model_installed", lambda: False)
+
+
 @pytest.fixture
 def router() -> Iterator[FakeRouter]:
     server = FakeRouter(TEST_TOKEN).start()
