@@ -236,8 +236,10 @@ def measure_through_function(
 
         sequential_s, concurrent_s, answered = [], [], []
         with ThreadPoolExecutor(CONCURRENT) as pool:
-            sessions = [requests.Session() for _ in range(CONCURRENT)]
             for _ in range(rounds):
+                # New connections each round: the sequential calls take longer than gunicorn's
+                # keep-alive, and a POST on a connection it is closing fails (no retry).
+                sessions = [requests.Session() for _ in range(CONCURRENT)]
                 started = time.perf_counter()
                 caller.submit(lambda: [direct(seed) for seed in range(CONCURRENT)]).result()
                 sequential_s.append(time.perf_counter() - started)
