@@ -9,6 +9,10 @@ on the machine hits both alike:
   sequential direct calls. One pipeline cannot run two generations at once, so the target is
   parity: the queue must not cost throughput.
 
+This script is the breakdown, at the backend level; `./scripts/bench` (bench/run.py) measures
+the same two figures through the running function (`measure_through_function`): HTTP,
+functions-framework, validation, the PNG's text chunks, storage and the JSON answer on top.
+
 Usage: .venv/bin/python bench/local.py [--runs N] [--rounds N] [--size PX] [--steps N] [--threads N]
 [--model FOLDER]
 (requirements-local.txt installed). Builds the tiny pipeline in a temporary folder unless
@@ -18,6 +22,8 @@ Usage: .venv/bin/python bench/local.py [--runs N] [--rounds N] [--size PX] [--st
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
 import statistics
@@ -25,7 +31,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -70,20 +79,20 @@ def _tiny(folder: Path) -> str:
     return str(build_tiny_pipeline(folder / "tiny-sd"))
 
 
-def run(model: str, runs: int, rounds: int, size: int, steps: int) -> dict[str, float]:
+def direct_caller(model: str, size: int, steps: int) -> Callable[[int], bytes]:
+    """The pipeline in `model` called as a script would, with no backend or function around
+    it: seed -> PNG bytes (encoded as the backend encodes them, with no metadata)."""
     import torch
     from diffusers import AutoPipelineForText2Image
 
-    backend = LocalBackend(BackendSettings(name="local", model=model))
-    backend.preload()
-    direct_pipeline = AutoPipelineForText2Image.from_pretrained(model, dtype=torch.float32).to("cpu")
-    direct_pipeline.set_progress_bar_config(disable=True)
+    pipeline = AutoPipelineForText2Image.from_pretrained(model, dtype=torch.float32).to("cpu")
+    pipeline.set_progress_bar_config(disable=True)
 
     def direct(seed: int) -> bytes:
         # Under inference_mode as the backend runs it, so that the difference is the backend's
         # own work (queue, step callback, progress, seed, checks), not autograd bookkeeping.
         with torch.inference_mode():
-            image = direct_pipeline(
+            image = pipeline(
                 PROMPT,
                 num_inference_steps=steps,
                 width=size,
@@ -91,6 +100,16 @@ def run(model: str, runs: int, rounds: int, size: int, steps: int) -> dict[str, 
                 generator=torch.Generator().manual_seed(seed),
             ).images[0]
         return encode_png(image)
+
+    return direct
+
+
+def run(model: str, runs: int, rounds: int, size: int, steps: int) -> dict[str, float]:
+    import torch
+
+    backend = LocalBackend(BackendSettings(name="local", model=model))
+    backend.preload()
+    direct = direct_caller(model, size, steps)
 
     def through_backend(seed: int) -> bytes:
         request = GenerationRequest(prompt=PROMPT, width=size, height=size, steps=steps, seed=seed)
@@ -158,6 +177,110 @@ def run(model: str, runs: int, rounds: int, size: int, steps: int) -> dict[str, 
         "bookkeeping_us": round(bookkeeping_us, 1),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def measure_through_function(
+    url: str,
+    direct: Callable[[int], bytes],
+    timed_post: Callable[..., tuple[float, Any]],
+    runs: int,
+    rounds: int,
+    size: int,
+    steps: int,
+) -> dict[str, float]:
+    """What the function adds (HTTP, functions-framework, validation, the backend, the PNG's
+    text chunks, storage, base64 JSON) to a generation, against `direct` in this process:
+    the median of paired differences, each request through the function right after the same
+    seed called directly; and 8 concurrent requests through the function against 8
+    sequential direct calls, medians of `rounds`. The function at `url` must serve the same
+    pipeline folder with CACHE=false (so every request generates)."""
+    import requests
+
+    # Direct calls on a thread of their own, as the function's generations run (torch's CPU
+    # threads behave differently in the main thread).
+    caller = ThreadPoolExecutor(1)
+    session = requests.Session()
+
+    def call_direct(seed: int) -> float:
+        started = time.perf_counter()
+        caller.submit(direct, seed).result()
+        return (time.perf_counter() - started) * 1000
+
+    def call_function(seed: int, into: requests.Session = session) -> float:
+        body = {"prompt": PROMPT, "width": size, "height": size, "steps": steps, "seed": seed}
+        ms, response = timed_post(into, f"{url}/api/generate-image", json=body)
+        assert response.status_code == 200, response.content[:300]
+        return ms
+
+    try:
+        # Same pixels both ways: the function runs the same generation, not a cheaper one.
+        body = {"prompt": PROMPT, "width": size, "height": size, "steps": steps, "seed": 1}
+        _, answer = timed_post(session, f"{url}/api/generate-image", json=body)  # loads the model
+        assert answer.status_code == 200, answer.content[:300]
+        served = base64.b64decode(json.loads(answer.content)["imageUrl"].split(",", 1)[1])
+        assert _pixels(served) == _pixels(caller.submit(direct, 1).result()), "the function made a different image"
+        for warm in range(3):
+            call_direct(warm), call_function(warm)
+
+        differences, direct_ms, function_ms = [], [], []
+        for run_number in range(runs):
+            # Each side goes first half the time: whatever the first call leaves behind (a
+            # warm cache, a core busy with the other process) favours neither.
+            if run_number % 2:
+                f, d = call_function(run_number), call_direct(run_number)
+            else:
+                d, f = call_direct(run_number), call_function(run_number)
+            differences.append(f - d)
+            direct_ms.append(d)
+            function_ms.append(f)
+
+        sequential_s, concurrent_s, answered = [], [], []
+        with ThreadPoolExecutor(CONCURRENT) as pool:
+            for _ in range(rounds):
+                # New connections each round: the sequential calls take longer than gunicorn's
+                # keep-alive, and a POST on a connection it is closing fails (no retry).
+                sessions = [requests.Session() for _ in range(CONCURRENT)]
+                started = time.perf_counter()
+                caller.submit(lambda: [direct(seed) for seed in range(CONCURRENT)]).result()
+                sequential_s.append(time.perf_counter() - started)
+
+                barrier = threading.Barrier(CONCURRENT)
+
+                def one(seed: int) -> int:
+                    barrier.wait()
+                    body = {"prompt": PROMPT, "width": size, "height": size, "steps": steps, "seed": seed}
+                    return timed_post(sessions[seed], f"{url}/api/generate-image", json=body)[1].status_code
+
+                started = time.perf_counter()
+                statuses = list(pool.map(one, range(CONCURRENT)))
+                concurrent_s.append(time.perf_counter() - started)
+                answered.append(statuses.count(200))
+    finally:
+        caller.shutdown()
+    direct_median = statistics.median(direct_ms)
+    added = statistics.median(differences)
+    return {
+        "size": size,
+        "steps": steps,
+        "runs": runs,
+        "rounds": rounds,
+        "direct_ms": round(direct_median, 1),
+        "function_ms": round(statistics.median(function_ms), 1),
+        "added_ms": round(added, 1),
+        "added_pct": round(100 * added / direct_median, 1),
+        "allowed_ms": round(max(20.0, 0.05 * direct_median), 1),
+        "sequential_8_s": round(statistics.median(sequential_s), 3),
+        "concurrent_8_s": round(statistics.median(concurrent_s), 3),
+        "throughput_ratio": round(statistics.median(sequential_s) / statistics.median(concurrent_s), 3),
+        "concurrent_ok": min(answered),
+    }
+
+
+def _pixels(png: bytes) -> bytes:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        return image.tobytes()
 
 
 def _bookkeeping_us(backend: LocalBackend, steps: int, repeat: int = 2000) -> float:

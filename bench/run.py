@@ -322,37 +322,107 @@ def measure_redis(router: FakeRouter, tmp: str, rounds: int, quick: bool) -> lis
     return rows
 
 
+def measure_local(tmp: str, quick: bool) -> list[tuple[str, str, str]]:
+    """The rows for the local model (diffusers, in process) on the tiny random-weight pipeline
+    (tests/tiny_pipeline.py): the function with BACKENDS=local against the same pipeline
+    called in this process, one torch thread on both sides (the figures are steadiest so on
+    shared cores). A row saying so where requirements-local.txt is not installed."""
+    from imagegen.backends.registry import local_model_installed
+
+    if not local_model_installed():
+        return [("Local model (diffusers)", "", "not installed: pip install -r requirements-local.txt")]
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: no download, ever
+    import torch
+
+    from bench import local  # noqa: I001 - after HF_HUB_OFFLINE
+    from imagegen.backends.local import LocalBackend
+    from imagegen.config import BackendSettings
+    from tests.tiny_pipeline import build_tiny_pipeline
+
+    threads, size, steps = 1, 256, 2
+    torch.set_num_threads(threads)
+    model = str(build_tiny_pipeline(Path(tmp) / "tiny-sd"))
+    direct = local.direct_caller(model, size, steps)
+    function = start_function(
+        "",
+        f"{tmp}/local",
+        HUGGING_FACE_API_KEY="",
+        BACKENDS="local",
+        LOCAL_MODEL=model,
+        LOCAL_DEVICE="cpu",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS=str(threads),
+        CACHE="false",
+    )
+    try:
+        wait_ready(function)
+        f = local.measure_through_function(
+            function.url, direct, timed_post, 10 if quick else 30, 3 if quick else 5, size, steps
+        )
+    finally:
+        function.stop()
+    backend = LocalBackend(BackendSettings(name="local", model=model))
+    backend.preload()
+    bookkeeping_us = local._bookkeeping_us(backend, steps, 500 if quick else 2000)  # noqa: SLF001
+    setting = f"tiny model {size}x{size}, {steps} steps, CPU, {threads} torch thread"
+    return [
+        (
+            f"Local model: added by the function per generation ({setting})",
+            f"<= {f['allowed_ms']:.0f} ms (5% or 20 ms)",
+            f"{f['added_ms']:+.1f} ms ({f['added_pct']:+.1f}%) ({f['direct_ms']:.1f} -> {f['function_ms']:.1f} ms)",
+        ),
+        ("Local model: of which the backend's bookkeeping (no model)", "", f"{bookkeeping_us:.0f} us"),
+        (
+            f"Local model: {local.CONCURRENT} concurrent through the function vs {local.CONCURRENT} sequential direct",
+            ">= 0.95 throughput",
+            f"{f['throughput_ratio']:.3f} ({f['sequential_8_s']:.2f} s -> {f['concurrent_8_s']:.2f} s), "
+            f"{f['concurrent_ok']}/{local.CONCURRENT} ok",
+        ),
+    ]
+
+
+def measure_all(router: FakeRouter, png: bytes, tmp: str, rounds: int, quick: bool) -> list[tuple[str, str, str]]:
+    """Every row: the function's own overhead, each HTTP backend, the cache, Redis, the local model."""
+    results = []
+    added, direct, through = measure_overhead(router, tmp, rounds, 10 if quick else 20)
+    results.append(("Added latency per request (median of round medians)", "<= 5 ms", f"{added:.1f} ms ({direct:.1f} -> {through:.1f} ms)"))
+    for workers, threads in CONFIGURATIONS:
+        wall, ok, peak = measure_concurrency(router, tmp, 2 if quick else 3, workers, threads)
+        setting = f"WORKERS={workers}, THREADS={threads}"
+        results.append((f"{CONCURRENT_REQUESTS} concurrent, {UPSTREAM_SECONDS:g} s upstream, {setting}", "<= 2.5 s, all 200", f"{wall:.2f} s, {ok}/{CONCURRENT_REQUESTS} ok"))
+        results.append((f"Peak RSS during those requests, {setting}", "<= 200 MB", f"{peak[0]:.0f} MB (PSS {peak[1]:.0f} MB)"))
+    cold = measure_cold_start(router, tmp, rounds)
+    results.append(("Cold start: process start to first 200 (local storage)", "<= 400 ms", f"{cold:.0f} ms"))
+    serve_this_image(png)
+    for bench in BACKENDS:
+        added, direct, through = measure_backend(
+            bench, start_function, wait_ready, timed_post, tmp, rounds, 5 if quick else 10
+        )
+        results.append((f"Added latency, {bench.name} stand-in", "<= 5 ms", f"{added:.1f} ms ({direct:.1f} -> {through:.1f} ms)"))
+        cold = measure_backend_cold_start(bench, start_function, tmp, 3 if quick else 5, wait_until)
+        results.append((f"Cold start, {bench.name}", "<= 400 ms", f"{cold:.0f} ms"))
+    miss, hit, calls = measure_cache(router, tmp, 5 if quick else 10)
+    misses = 5 if quick else 10
+    results.append(("Cache: seeded repeat answered from storage", "no upstream call", f"hit {hit:.1f} ms vs miss {miss:.1f} ms; {calls} upstream calls for {misses} misses + {3 * misses} hits"))
+    results.extend(measure_redis(router, tmp, rounds, quick))
+    results.extend(measure_local(tmp, quick))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--only-local", action="store_true", help="only the local model's rows")
     args = parser.parse_args()
     rounds = 3 if args.quick else 7
     png = realistic_png()
     router = FakeRouter(TOKEN, image=png).start()
-    results = []
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
         try:
-            added, direct, through = measure_overhead(router, tmp, rounds, 10 if args.quick else 20)
-            results.append(("Added latency per request (median of round medians)", "<= 5 ms", f"{added:.1f} ms ({direct:.1f} -> {through:.1f} ms)"))
-            for workers, threads in CONFIGURATIONS:
-                wall, ok, peak = measure_concurrency(router, tmp, 2 if args.quick else 3, workers, threads)
-                setting = f"WORKERS={workers}, THREADS={threads}"
-                results.append((f"{CONCURRENT_REQUESTS} concurrent, {UPSTREAM_SECONDS:g} s upstream, {setting}", "<= 2.5 s, all 200", f"{wall:.2f} s, {ok}/{CONCURRENT_REQUESTS} ok"))
-                results.append((f"Peak RSS during those requests, {setting}", "<= 200 MB", f"{peak[0]:.0f} MB (PSS {peak[1]:.0f} MB)"))
-            cold = measure_cold_start(router, tmp, rounds)
-            results.append(("Cold start: process start to first 200 (local storage)", "<= 400 ms", f"{cold:.0f} ms"))
-            serve_this_image(png)
-            for bench in BACKENDS:
-                added, direct, through = measure_backend(
-                    bench, start_function, wait_ready, timed_post, tmp, rounds, 5 if args.quick else 10
-                )
-                results.append((f"Added latency, {bench.name} stand-in", "<= 5 ms", f"{added:.1f} ms ({direct:.1f} -> {through:.1f} ms)"))
-                cold = measure_backend_cold_start(bench, start_function, tmp, 3 if args.quick else 5, wait_until)
-                results.append((f"Cold start, {bench.name}", "<= 400 ms", f"{cold:.0f} ms"))
-            miss, hit, calls = measure_cache(router, tmp, 5 if args.quick else 10)
-            misses = 5 if args.quick else 10
-            results.append(("Cache: seeded repeat answered from storage", "no upstream call", f"hit {hit:.1f} ms vs miss {miss:.1f} ms; {calls} upstream calls for {misses} misses + {3 * misses} hits"))
-            results.extend(measure_redis(router, tmp, rounds, args.quick))
+            if args.only_local:
+                results = measure_local(tmp, args.quick)
+            else:
+                results = measure_all(router, png, tmp, rounds, args.quick)
         finally:
             router.stop()
     print(f"\nimagegen benchmarks: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}, PNG {len(png) / 1e6:.2f} MB\n")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,10 @@ from tests.fake_router import FakeRouter
 from tests.servers import REPO_ROOT, Process, start_function, start_storage_emulator
 
 TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"
+# The local backend's libraries (requirements-local.txt); tests that run a model skip without them.
+HAVE_DIFFUSERS = all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers", "transformers"))
+# CI installs requirements-local.txt: there a missing library is a failure, never a skip.
+SKIP_WITHOUT_DIFFUSERS = not HAVE_DIFFUSERS and os.environ.get("CI") != "true"
 SETTING_PREFIXES = ("HF_", "HUGGING_FACE", "IMAGE_", "CORS_", "MAX_PROMPT", "STORAGE_EMULATOR", "K_SERVICE", "TRUSTED_PROXY")
 
 
@@ -21,9 +26,13 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith(SETTING_PREFIXES):
             monkeypatch.delenv(name)
-    # Nor from the local model being installed (CI installs requirements-local.txt): with no
-    # key it would be the default backend. Tests of that default say so with BACKENDS=local,
-    # or run a function process, which sees what is installed.
+
+
+@pytest.fixture(autouse=True)
+def no_local_model_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process, as on a deployment without requirements-local.txt: no key means no
+    backend, even where torch and diffusers are installed (CI installs them). The local
+    model's tests name LOCAL_MODEL or BACKENDS, or run their own function process."""
     monkeypatch.setattr("imagegen.backends.registry.local_model_installed", lambda: False)
 
 
@@ -60,11 +69,12 @@ def make_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
 @pytest.fixture
 def run_function(tmp_path: Path) -> Iterator[Callable[..., Process]]:
-    """Start the real function process (functions-framework) with these settings."""
+    """Start the real function process (functions-framework) with these settings; `source`:
+    another entry point than main.py (tests/*_main.py)."""
     started: list[Process] = []
 
-    def run(**env: str) -> Process:
-        process = start_function(env, tmp_path / f"function-{len(started)}.log")
+    def run(source: str = "main.py", **env: str) -> Process:
+        process = start_function(env, tmp_path / f"function-{len(started)}.log", source)
         started.append(process)
         return process
 
@@ -78,3 +88,23 @@ def storage_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proce
     emulator = start_storage_emulator(tmp_path_factory.mktemp("gcs") / "emulator.log")
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random-weight Stable Diffusion folder (tests/tiny_pipeline.py), built once per
+    session and shared by the backend tests and the end-to-end ones."""
+    if SKIP_WITHOUT_DIFFUSERS:
+        pytest.skip("torch/diffusers not installed: pip install -r requirements-local.txt")
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True  # in case huggingface_hub was imported first
+    import torch
+
+    # The tiny model gains nothing from a second thread, and on shared cores torch's threads
+    # wait for each other at every operation: one thread made these tests several times faster
+    # under load. Same bytes either way within the process, which is all the tests compare.
+    torch.set_num_threads(1)
+    from tests.tiny_pipeline import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd")))

@@ -74,7 +74,9 @@ def start_process(
             raise RuntimeError(f"{command[0]} exited with {process.returncode}:\n{server.log()}")
         try:
             requests.options(server.url + ready_path, timeout=1)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
+            # A timeout too: a worker that loads a local model at start (LOCAL_PRELOAD) can
+            # take longer than the probe's second to answer its first request.
             return False
         return True
 
@@ -115,17 +117,3 @@ def start_storage_emulator(log_path: Path) -> Process:
     ]
     return start_process(command, dict(os.environ), port, log_path, "/")
 
-
-def without_local_model(directory: Path) -> dict[str, str]:
-    """Settings for a function process that must not find torch or diffusers even where
-    requirements-local.txt is installed: a server with nothing configured at all."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class _Hide:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'diffusers'):\n"
-        "            raise ModuleNotFoundError(name)\n"
-        "sys.meta_path.insert(0, _Hide())\n"
-    )
-    return {"PYTHONPATH": str(directory)}

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import Reply
-from tests.servers import REPO_ROOT, without_local_model, wait_until
+from tests.servers import REPO_ROOT, wait_until
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -321,7 +321,8 @@ def test_cancel_in_the_page_stops_the_work_on_the_server(page, demo):
 
 
 def test_a_server_without_backends_says_so_before_generate(page, run_function, tmp_path):
-    function = run_function(IMAGE_DIR=str(tmp_path), **without_local_model(tmp_path / "site"))
+    # No key, and (as on a deployment without requirements-local.txt) no local model either.
+    function = run_function(source="tests/no_local_main.py", IMAGE_DIR=str(tmp_path))
     page.goto(function.url)
     expect(page.locator("#notice")).to_contain_text("This server has no API key or local model configured")
     expect(page.locator("#generate")).to_be_disabled()

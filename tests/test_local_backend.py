@@ -10,7 +10,6 @@ sleeps.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import os
 import shutil
@@ -42,35 +41,15 @@ from imagegen.config import BackendSettings  # noqa: E402
 from imagegen.domain import GenerationRequest, Route  # noqa: E402
 from imagegen.errors import BackendBusy, Cancelled, ConfigurationError, InvalidRequest, UpstreamTimeout  # noqa: E402
 from imagegen.retry import Timing  # noqa: E402
+from tests.conftest import SKIP_WITHOUT_DIFFUSERS  # noqa: E402
 from tests.servers import REPO_ROOT  # noqa: E402
 
-HAVE_DIFFUSERS = all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers", "transformers"))
-# CI installs requirements-local.txt: there a missing library is a failure, never a skip.
-SKIP_WITHOUT_DIFFUSERS = not HAVE_DIFFUSERS and os.environ.get("CI") != "true"
 needs_diffusers = pytest.mark.skipif(
     SKIP_WITHOUT_DIFFUSERS, reason="torch/diffusers not installed: pip install -r requirements-local.txt"
 )
 WAIT = 60  # seconds any one wait may take before the test fails instead of hanging
 # Small images keep the suite fast; the backend passes any size through to the pipeline.
 SMALL = {"width": 64, "height": 64, "steps": 2}
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    if SKIP_WITHOUT_DIFFUSERS:
-        pytest.skip("torch/diffusers not installed: pip install -r requirements-local.txt")
-    import huggingface_hub.constants
-
-    huggingface_hub.constants.HF_HUB_OFFLINE = True  # in case huggingface_hub was imported first
-    import torch
-
-    # The tiny model gains nothing from a second thread, and on shared cores torch's threads
-    # wait for each other at every operation: one thread made these tests several times faster
-    # under load. Same bytes either way within the process, which is all the tests compare.
-    torch.set_num_threads(1)
-    from tests.tiny_pipeline import build_tiny_pipeline
-
-    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd")))
 
 
 def make_backend(model: str, timing: Timing | None = None, **options: str) -> LocalBackend:
@@ -209,7 +188,7 @@ def test_queue_full_answers_busy_with_retry_after(tiny_model: str) -> None:
     assert busy.value.status == 503 and busy.value.code == "backend_busy"
     assert int(busy.value.headers["Retry-After"]) >= 1
     assert "LOCAL_QUEUE_MAX=1" in busy.value.message
-    assert busy.value.fail_over
+    assert busy.value.fail_over and not busy.value.retryable  # no hidden retry past the queue
 
     first_sink.release.set()
     assert first.result().seed == 1

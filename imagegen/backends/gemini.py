@@ -24,8 +24,8 @@ KEY_URL = "https://aistudio.google.com/apikey"
 
 def _model_advice(call: CallContext) -> str:
     return (
-        f"Set GEMINI_MODEL (or the request's model, from GEMINI_ALLOWED_MODELS) to an image model the Gemini API "
-        f"serves, such as gemini-2.5-flash-image (https://ai.google.dev/gemini-api/docs/models)"
+        "Set GEMINI_MODEL (or the request's model, from GEMINI_ALLOWED_MODELS) to an image model the Gemini API "
+        "serves, such as gemini-2.5-flash-image (https://ai.google.dev/gemini-api/docs/models)"
     )
 
 

@@ -315,11 +315,14 @@ class LocalBackend:
                         return
                     if context is not None and len(self._queue) >= self.options.queue_max:
                         retry_after = self._retry_after()
+                        # Not retried here: a retry in this process would be a hidden queue past
+                        # LOCAL_QUEUE_MAX, a server thread asleep for Retry-After and the 503
+                        # late. The caller gets it now; another backend may take the request.
                         raise BackendBusy(
                             f"The local model is busy: {len(self._queue)} requests are already waiting "
                             f"(LOCAL_QUEUE_MAX={self.options.queue_max}). Try again in about {retry_after} s.",
                             retry_after=retry_after,
-                            retryable=True,
+                            retryable=False,
                             fail_over=True,
                         )
                     self._queue.append(ticket)
@@ -461,9 +464,7 @@ def encode_png(image: Any) -> bytes:
 
 
 def _load_pipeline(model: str, options: LocalOptions) -> _Loaded:
-    torch, auto_pipeline = _import_runtime()
-    device = _device(torch, options.device)
-    dtype_name = options.dtype if options.dtype != "auto" else ("float16" if device in ("cuda", "mps") else "float32")
+    # Before importing torch (seconds): a typo in a path is told at once.
     is_folder = os.path.isdir(model)
     if not is_folder and not HUB_ID_PATTERN.fullmatch(model):
         raise ConfigurationError(
@@ -471,6 +472,9 @@ def _load_pipeline(model: str, options: LocalOptions) -> _Loaded:
             "folder). Set LOCAL_MODEL to a Hugging Face model id or to a folder saved with "
             "save_pretrained.",
         )
+    torch, auto_pipeline = _import_runtime()
+    device = _device(torch, options.device)
+    dtype_name = options.dtype if options.dtype != "auto" else ("float16" if device in ("cuda", "mps") else "float32")
     dtype = getattr(torch, dtype_name)
     try:
         pipeline = None
