@@ -63,14 +63,15 @@ class ConfigurationError(ImageGenError):
     code = "invalid_configuration"
 
 
-# --- Hugging Face ---------------------------------------------------------------------------
+# --- the backends ---------------------------------------------------------------------------
 
 
 class UpstreamError(ImageGenError):
-    """Hugging Face (or the provider behind it) failed; the code says how.
+    """A backend (an image API, a Hugging Face provider, the local model) failed; the code says how.
 
     `retryable` and `fail_over` tell the client what may help: the same provider again after
-    a wait (`retry_after` seconds when the server said), or the next provider for the model.
+    a wait (`retry_after` seconds when the server said), or the next route: another provider
+    or another backend.
     """
 
     status = 502
