@@ -119,7 +119,7 @@ class _ImageData:
         self.started = True
         pending: bytes | memoryview = compressed
         try:
-            while pending and not self._inflater.eof:
+            while not self._inflater.eof:
                 # One byte more than is left: a stream that inflates past the size is caught
                 # without ever producing more than a piece.
                 piece = self._inflater.decompress(pending, min(self.remaining + 1, _INFLATE_PIECE_BYTES))
@@ -127,6 +127,10 @@ class _ImageData:
                 if self.remaining < 0:
                     raise NotAnImage("a corrupt PNG (its image data is larger than its header says)")
                 pending = self._inflater.unconsumed_tail
+                # ISA-L may hold inflated bytes back after taking all the input: ask again with
+                # no input until nothing more comes (zlib keeps the input in unconsumed_tail).
+                if not pending and not piece:
+                    break
         except _inflate.error:
             raise NotAnImage("a corrupt PNG (its image data does not inflate)") from None
 
