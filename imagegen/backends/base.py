@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -97,5 +96,3 @@ class Backend(Protocol):
         """One try: the image, or an UpstreamError."""
         ...
 
-
-BackendFactory = Callable[..., Backend]
