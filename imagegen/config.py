@@ -406,3 +406,21 @@ def base_url_is_loopback(url: str) -> bool:
     """Whether a backend's URL is this machine: a stand-in (tests, demos), never a real API."""
     host = urlsplit(url).hostname or ""
     return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def setting_variables() -> frozenset[str]:
+    """Every environment variable `load_settings` reads, found by reading an empty environment
+    through a recorder: the tests clear exactly these, so nothing exported in a developer's
+    shell (a vendor key, AUTH_MODE, BACKENDS, STATE_URL) changes what a test sees."""
+    seen: set[str] = set()
+
+    class Recorder(dict):
+        def get(self, key, default=None):  # type: ignore[override]
+            seen.add(key)
+            return default
+
+    try:
+        load_settings(Recorder())
+    except ConfigurationError:
+        pass
+    return frozenset(seen)
