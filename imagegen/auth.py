@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import requests
 
 from imagegen.config import Settings
-from imagegen.errors import ImageGenError
+from imagegen.errors import Unauthorized
 
 FIREBASE_CERTS_URL = "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
 GOOGLE_CERTS_URL = "https://www.googleapis.com/oauth2/v1/certs"
@@ -31,11 +31,6 @@ DEFAULT_CERTS_MAX_AGE_SECONDS = 3600
 MAX_CERTS_MAX_AGE_SECONDS = 86_400
 CERTS_TIMEOUT_SECONDS = 10
 REALM = 'Bearer realm="imagegen"'
-
-
-class Unauthorized(ImageGenError):
-    status = 401
-    code = "unauthorized"
 
 
 @dataclass(frozen=True)

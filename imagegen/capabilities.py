@@ -12,19 +12,19 @@ from typing import Any
 
 from imagegen import validation
 from imagegen.backends.base import Backend
+from imagegen.catalog import Catalog
 from imagegen.config import Settings
 
 NOT_CONFIGURED = (
     "This server has no API key or local model configured, so it cannot generate images yet. "
-    "Its owner sets one backend's credential (for example HUGGING_FACE_API_KEY), installs the local model, "
+    "Its owner sets one backend's credential (the README's backend table lists them), installs the local model, "
     "or runs it with BACKENDS=demo to try the page with placeholders."
 )
 
 
-def capabilities_document(settings: Settings, backends: Mapping[str, Backend]) -> dict[str, Any]:
+def capabilities_document(settings: Settings, backends: Mapping[str, Backend], catalog: Catalog) -> dict[str, Any]:
     entries = []
-    for name in settings.backends:
-        backend = backends[name]
+    for name, backend in backends.items():
         capabilities = backend.capabilities(backend.default_model)
         entries.append(
             {
@@ -40,9 +40,10 @@ def capabilities_document(settings: Settings, backends: Mapping[str, Backend]) -
             }
         )
     document: dict[str, Any] = {
-        "configured": bool(settings.backends),
+        "configured": bool(backends),
         "backends": entries,
-        "providers": list(settings.hf_allowed_providers) if "huggingface" in settings.backends else [],
+        # The inference providers a request may name (a router backend's), the default first.
+        "providers": [provider for offer in catalog.with_providers() for provider in offer.providers],
         "limits": {
             "maxPromptChars": settings.max_prompt_chars,
             "side": {"minimum": validation.MIN_SIDE, "maximum": validation.MAX_SIDE, "multipleOf": validation.SIDE_STEP},
@@ -53,6 +54,6 @@ def capabilities_document(settings: Settings, backends: Mapping[str, Backend]) -
         "authMode": settings.auth_mode,
         "stream": True,
     }
-    if not settings.backends:
+    if not backends:
         document["message"] = NOT_CONFIGURED
     return document

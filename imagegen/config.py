@@ -13,23 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from imagegen.backends import registry
+from imagegen.backends.registry import BACKENDS, SETTING_ALIASES, BackendSpec
 from imagegen.env_values import invalid_setting, parse_boolean, parse_choice, parse_number
 from imagegen.errors import ConfigurationError
 from imagegen.state.base import RatePolicy
 from imagegen.state.settings import StateSettings, load_state_settings
 from imagegen.logs import LOG_FORMATS
 
-DEFAULT_ROUTER_URL = "https://router.huggingface.co"
-# Served by hf-inference per Hugging Face's docs (2026); the README says how to change it.
-DEFAULT_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 DEFAULT_TIMEOUT_SECONDS = 120.0
 DEFAULT_DEADLINE_SECONDS = 150.0
 DEFAULT_MAX_RETRIES = 3
-DEFAULT_HUB_URL = "https://huggingface.co"
-DEFAULT_PROVIDER = "hf-inference"
-DEFAULT_MAPPING_TTL_SECONDS = 600.0
-# What HF_PROVIDER and a request's "provider" may name; "auto" asks the Hub which providers
-# serve the model and fails over between them.
 AUTH_MODES = ("none", "api-key", "firebase", "google")
 DEFAULT_RATE_LIMIT_PER_MINUTE = 10
 DEFAULT_RATE_LIMIT_BURST = 10
@@ -40,7 +34,6 @@ DEFAULT_RATE_LIMIT_BURST = 10
 DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN = 1
 DEFAULT_TRUSTED_PROXY_HOPS_ELSEWHERE = 0
 MIN_API_KEY_CHARS = 16
-KNOWN_PROVIDERS = ("auto", "hf-inference", "fal-ai", "replicate", "together", "nscale", "wavespeed")
 # How long a client may take to send a request's head (line and headers) once it started.
 DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS = 10.0
 DEFAULT_IMAGE_DIR = "/tmp/imagegen"
@@ -52,12 +45,6 @@ DEFAULT_MAX_PROMPT_CHARS = 2000
 MAX_BODY_BYTES = 64 * 1024
 # Cloud Functions answers at most 32 MB; base64 grows an image by 4/3, so 20 MiB still fits.
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
-
-TOKEN_VARIABLES = ("HUGGING_FACE_API_KEY", "HF_TOKEN")
-
-# A Hub model id: "owner/name", letters, digits, '-', '_' and '.'. Checked so that a model id
-# can only ever become one path segment pair on the router, never another host or path.
-MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 
 @dataclass(frozen=True)
@@ -76,17 +63,9 @@ class BackendSettings:
 
 @dataclass(frozen=True)
 class Settings:
-    hf_token: str | None = field(default=None, repr=False)
-    hf_router_url: str = DEFAULT_ROUTER_URL
-    hf_model: str = DEFAULT_MODEL
-    hf_allowed_models: tuple[str, ...] = (DEFAULT_MODEL,)
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     deadline_seconds: float = DEFAULT_DEADLINE_SECONDS
     max_retries: int = DEFAULT_MAX_RETRIES
-    hf_provider: str = DEFAULT_PROVIDER
-    hf_allowed_providers: tuple[str, ...] = (DEFAULT_PROVIDER,)
-    hf_hub_url: str = DEFAULT_HUB_URL
-    hf_mapping_ttl_seconds: float = DEFAULT_MAPPING_TTL_SECONDS
     image_dir: Path = Path(DEFAULT_IMAGE_DIR)
     image_dir_max_files: int = DEFAULT_IMAGE_DIR_MAX_FILES
     image_bucket: str | None = None
@@ -117,8 +96,6 @@ class Settings:
 
     def require_backends(self) -> tuple[str, ...]:
         if not self.backends:
-            from imagegen.backends.registry import BACKENDS
-
             choices = "; ".join(
                 f"{name}: {spec.credential_hint()}" for name, spec in BACKENDS.items() if spec.credential_hint()
             )
@@ -138,19 +115,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         value = environ.get(name, "").strip()
         return value or None
 
-    token = next((get(name) for name in TOKEN_VARIABLES if get(name)), None)
-    model = _model_id("HF_MODEL", get("HF_MODEL") or DEFAULT_MODEL)
-    allowed = _model_list("HF_ALLOWED_MODELS", get("HF_ALLOWED_MODELS"))
     bucket = get("IMAGE_BUCKET")
-    provider = _provider("HF_PROVIDER", get("HF_PROVIDER") or DEFAULT_PROVIDER)
-    allowed_providers = tuple(
-        _provider("HF_ALLOWED_PROVIDERS", item.strip())
-        for item in (get("HF_ALLOWED_PROVIDERS") or "").split(",")
-        if item.strip()
-    )
-    auth_mode = get("AUTH_MODE") or "none"
-    if auth_mode not in AUTH_MODES:
-        raise invalid_setting("AUTH_MODE", auth_mode, "one of " + ", ".join(AUTH_MODES))
+    auth_mode = parse_choice("AUTH_MODE", get("AUTH_MODE"), AUTH_MODES, default="none")
     origins = _origins(get("CORS_ALLOWED_ORIGINS") or "*")
     if auth_mode != "none" and "*" in origins:
         raise ConfigurationError(
@@ -158,7 +124,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             "(such as 'https://app.example.com'), not '*'.",
             code="invalid_configuration",
         )
-    sections = _backend_sections(get, token, model, allowed)
+    sections = _backend_sections(get)
     rate_limit_per_minute = parse_number(
         "RATE_LIMIT_PER_MINUTE", get("RATE_LIMIT_PER_MINUTE"), DEFAULT_RATE_LIMIT_PER_MINUTE, 0, 100_000
     )
@@ -169,24 +135,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         state=load_state_settings(get, rate_limit_per_minute=rate_limit_per_minute, rate_limit_burst=rate_limit_burst),
         backends=_enabled_backends(get, sections),
         backend_settings=sections,
-        hf_token=token,
-        hf_router_url=_http_url("HF_ROUTER_URL", get("HF_ROUTER_URL") or DEFAULT_ROUTER_URL),
-        hf_model=model,
-        # The default model is always allowed: a request without "model" must work.
-        hf_allowed_models=tuple(dict.fromkeys((model, *allowed))),
-        timeout_seconds=parse_number(*_either(get, "TIMEOUT_SECONDS"), DEFAULT_TIMEOUT_SECONDS, 1, 3600),
-        deadline_seconds=parse_number(*_either(get, "DEADLINE_SECONDS"), DEFAULT_DEADLINE_SECONDS, 1, 3600),
-        max_retries=int(parse_number(*_either(get, "MAX_RETRIES"), DEFAULT_MAX_RETRIES, 0, 10, integer=True)),
-        hf_provider=provider,
-        hf_allowed_providers=tuple(dict.fromkeys((provider, *allowed_providers))),
-        hf_hub_url=_http_url("HF_HUB_URL", get("HF_HUB_URL") or DEFAULT_HUB_URL),
-        hf_mapping_ttl_seconds=parse_number(
-            "HF_MAPPING_TTL_SECONDS",
-            get("HF_MAPPING_TTL_SECONDS"),
-            DEFAULT_MAPPING_TTL_SECONDS,
-            0,
-            86_400,
-        ),
+        timeout_seconds=parse_number(*_named(get, "TIMEOUT_SECONDS"), DEFAULT_TIMEOUT_SECONDS, 1, 3600),
+        deadline_seconds=parse_number(*_named(get, "DEADLINE_SECONDS"), DEFAULT_DEADLINE_SECONDS, 1, 3600),
+        max_retries=int(parse_number(*_named(get, "MAX_RETRIES"), DEFAULT_MAX_RETRIES, 0, 10, integer=True)),
         image_dir=Path(get("IMAGE_DIR") or DEFAULT_IMAGE_DIR),
         image_dir_max_files=int(
             parse_number(
@@ -204,22 +155,24 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         auth_mode=auth_mode,
         api_keys=_api_keys(get("API_KEYS"), required=auth_mode == "api-key"),
         auth_audience=_audience(auth_mode, get("AUTH_AUDIENCE"), get("FIREBASE_PROJECT_ID")),
-        auth_certs_url=_http_url("AUTH_CERTS_URL", get("AUTH_CERTS_URL")) if get("AUTH_CERTS_URL") else None,
+        auth_certs_url=check_http_url("AUTH_CERTS_URL", get("AUTH_CERTS_URL")) if get("AUTH_CERTS_URL") else None,
         rate_limit_per_minute=rate_limit_per_minute,
         rate_limit_burst=rate_limit_burst,
         trusted_proxy_hops=int(
             parse_number(
                 "TRUSTED_PROXY_HOPS",
                 get("TRUSTED_PROXY_HOPS"),
-                DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN if environ.get("K_SERVICE", "").strip() else DEFAULT_TRUSTED_PROXY_HOPS_ELSEWHERE,
+                DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN if get("K_SERVICE") else DEFAULT_TRUSTED_PROXY_HOPS_ELSEWHERE,
                 0,
                 10,
                 integer=True,
             )
         ),
         log_prompts=parse_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
-        request_head_timeout_seconds=request_head_timeout_seconds(environ),
-        log_format=parse_choice("LOG_FORMAT", (get("LOG_FORMAT") or "auto").lower(), LOG_FORMATS),
+        request_head_timeout_seconds=parse_number(
+            "REQUEST_HEAD_TIMEOUT_SECONDS", get("REQUEST_HEAD_TIMEOUT_SECONDS"), DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS, 1, 300
+        ),
+        log_format=parse_choice("LOG_FORMAT", get("LOG_FORMAT"), LOG_FORMATS, default="auto"),
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),
         cache=parse_boolean("CACHE", get("CACHE"), default=True),
         serve_page=parse_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
@@ -236,34 +189,29 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     )
 
 
-def _either(get: Callable[[str], str | None], name: str) -> tuple[str, str | None]:
-    """A setting for every backend, also read under its older Hugging Face name (HF_...)."""
-    if get(name) is not None:
-        return name, get(name)
-    return f"HF_{name}", get(f"HF_{name}")
+def _named(get: Callable[[str], str | None], name: str) -> tuple[str, str | None]:
+    """(the variable that holds the setting, its value): `name`, or its older alias when only
+    that is set, so that an error names what the owner actually wrote."""
+    alias = SETTING_ALIASES.get(name)
+    if get(name) is None and alias is not None and get(alias) is not None:
+        return alias, get(alias)
+    return name, get(name)
 
 
-def _backend_sections(
-    get: Callable[[str], str | None], hf_token: str | None, hf_model: str, hf_allowed: tuple[str, ...]
-) -> dict[str, BackendSettings]:
-    from imagegen.backends.registry import BACKENDS
-
+def _backend_sections(get: Callable[[str], str | None]) -> dict[str, BackendSettings]:
     sections: dict[str, BackendSettings] = {}
     for name, spec in BACKENDS.items():
-        if name == "huggingface":
-            key, model, allowed = hf_token, hf_model, hf_allowed
-        else:
-            key = next((get(variable) for variable in spec.key_variables if get(variable)), None)
-            model = _backend_model(spec, spec.model_variable, get(spec.model_variable) or spec.default_model)
-            allowed = tuple(
-                _backend_model(spec, spec.allowed_models_variable, item.strip())
-                for item in (get(spec.allowed_models_variable) or "").split(",")
-                if item.strip()
-            )
+        key = next((get(variable) for variable in spec.key_variables if get(variable)), None)
+        model = _backend_model(spec, spec.model_variable, get(spec.model_variable) or spec.default_model)
+        allowed = tuple(
+            _backend_model(spec, spec.allowed_models_variable, item.strip())
+            for item in (get(spec.allowed_models_variable) or "").split(",")
+            if item.strip()
+        )
         url = None
         if spec.url_variable:
             url = get(spec.url_variable) or spec.default_url
-            url = _http_url(spec.url_variable, url) if url else None
+            url = check_http_url(spec.url_variable, url) if url else None
         sections[name] = BackendSettings(
             name=name,
             api_key=key,
@@ -280,7 +228,7 @@ def _backend_sections(
     return sections
 
 
-def _backend_model(spec, variable: str, raw: str) -> str:
+def _backend_model(spec: BackendSpec, variable: str, raw: str) -> str:
     if not spec.model_pattern.fullmatch(raw) or ".." in raw.split("/"):
         raise invalid_setting(variable, raw, f"a {spec.name} model name such as '{spec.model_example}'")
     return raw
@@ -289,8 +237,6 @@ def _backend_model(spec, variable: str, raw: str) -> str:
 def _enabled_backends(get: Callable[[str], str | None], sections: Mapping[str, BackendSettings]) -> tuple[str, ...]:
     """BACKENDS when set; otherwise every backend with credentials, in the registry's order,
     or the local model when none has and its libraries are installed."""
-    from imagegen.backends.registry import BACKENDS, local_model_installed
-
     raw = get("BACKENDS")
     if raw is not None:
         names = tuple(dict.fromkeys(item.strip().lower() for item in raw.split(",") if item.strip()))
@@ -306,13 +252,7 @@ def _enabled_backends(get: Callable[[str], str | None], sections: Mapping[str, B
     if configured:
         return configured
     fallbacks = tuple(name for name, spec in BACKENDS.items() if spec.fallback)
-    return fallbacks if local_model_installed() else ()
-
-
-def request_head_timeout_seconds(environ: Mapping[str, str]) -> float:
-    """REQUEST_HEAD_TIMEOUT_SECONDS, which main.py needs before the settings exist (gunicorn)."""
-    raw = environ.get("REQUEST_HEAD_TIMEOUT_SECONDS", "").strip() or None
-    return parse_number("REQUEST_HEAD_TIMEOUT_SECONDS", raw, DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS, 1, 300)
+    return fallbacks if registry.local_model_installed() else ()
 
 
 def _api_keys(raw: str | None, required: bool) -> tuple[str, ...]:
@@ -350,29 +290,12 @@ def _audience(mode: str, audience: str | None, project: str | None) -> str | Non
     return audience
 
 
-def _http_url(name: str, raw: str) -> str:
+def check_http_url(name: str, raw: str) -> str:
+    """An http(s) URL setting without query or fragment, its trailing slash dropped."""
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise invalid_setting(name, raw, "an http(s) URL such as https://router.huggingface.co")
+        raise invalid_setting(name, raw, "an http(s) URL such as https://api.example.com")
     return raw.rstrip("/")
-
-
-def _model_id(name: str, raw: str) -> str:
-    if not MODEL_ID_PATTERN.fullmatch(raw) or ".." in raw:
-        raise invalid_setting(name, raw, "a Hugging Face model id such as 'owner/model-name'")
-    return raw
-
-
-def _provider(name: str, raw: str) -> str:
-    if raw not in KNOWN_PROVIDERS:
-        raise invalid_setting(name, raw, "one of " + ", ".join(KNOWN_PROVIDERS))
-    return raw
-
-
-def _model_list(name: str, raw: str | None) -> tuple[str, ...]:
-    if raw is None:
-        return ()
-    return tuple(_model_id(name, item.strip()) for item in raw.split(",") if item.strip())
 
 
 def _bucket_name(raw: str) -> str:

@@ -1,7 +1,7 @@
 """Which backends to try for a request, and trying them: retries per route, failover across
 routes and backends, all inside one deadline.
 
-The rules are the ones that held across Hugging Face providers, now across backends: retry
+The rules are the ones that held across a router's inference providers, now across backends: retry
 what the error says is retryable (honouring the vendor's own delay), fail over on what another
 route may fix (model not served, 5xx, timeouts after retries, unreachable), never on what
 would fail everywhere (bad request, bad credentials, no credit, content refused).
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from imagegen.backends.base import Backend, GenerationContext, ignored_fields
+from imagegen.backends.base import Backend, GenerationContext, ignored_fields, providers_of
 from imagegen.domain import Attempt, GeneratedImage, GenerationRequest, Route
 from imagegen.errors import UpstreamError
 from imagegen.retry import MIN_ATTEMPT_SECONDS, backoff_delay
@@ -42,18 +42,22 @@ class Dispatcher:
             backend = self._backends[request.backend]
             return [Candidate(backend, request.model or backend.default_model)]
         if request.provider:
-            backend = self._backends["huggingface"]
+            backend = next(b for b in self._backends.values() if request.provider in providers_of(b))
             return [Candidate(backend, request.model or backend.default_model)]
         if request.model:
             return [Candidate(b, request.model) for b in self._backends.values() if request.model in b.allowed_models]
         return [Candidate(b, b.default_model) for b in self._backends.values()]
 
     def generate(
-        self, request: GenerationRequest, context: GenerationContext, attempts: list[Attempt] | None = None
+        self,
+        request: GenerationRequest,
+        candidates: list[Candidate],
+        context: GenerationContext,
+        attempts: list[Attempt] | None = None,
     ) -> GeneratedImage:
-        """The image from the first route that makes one, or the last route's UpstreamError."""
+        """The image from the first of `candidates` (see `candidates`) that makes one, or the
+        last route's UpstreamError."""
         attempts = [] if attempts is None else attempts
-        candidates = self.candidates(request)
         tried: list[str] = []
         for index, candidate in enumerate(candidates):
             is_last_backend = index == len(candidates) - 1

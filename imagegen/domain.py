@@ -18,7 +18,7 @@ class GenerationRequest:
     prompt: str
     model: str | None = None
     backend: str | None = None
-    provider: str | None = None  # a Hugging Face inference provider, or "auto"
+    provider: str | None = None  # an inference provider of a router backend, or "auto"
     negative_prompt: str | None = None
     width: int | None = None
     height: int | None = None
@@ -29,7 +29,7 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Route:
-    """One place to send a generation: a backend, its model, and for Hugging Face the
+    """One place to send a generation: a backend, its model, and for a router backend the
     inference provider and the model's id there."""
 
     backend: str

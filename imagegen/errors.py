@@ -53,6 +53,19 @@ class UnsupportedMediaType(ImageGenError):
     code = "unsupported_media_type"
 
 
+class Unauthorized(ImageGenError):
+    status = 401
+    code = "unauthorized"
+
+
+class RateLimited(ImageGenError):
+    status = 429
+    code = "rate_limited"
+    # The refusing bucket (an imagegen.state.base.RateDecision), for the RateLimit headers of
+    # the 429; None if raised elsewhere.
+    decision: object | None = None
+
+
 # --- this deployment ------------------------------------------------------------------------
 
 

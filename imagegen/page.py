@@ -14,8 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagegen.config import Settings
-
 STATIC_DIR = Path(__file__).parent / "static"
 
 
@@ -34,16 +32,10 @@ def _template() -> tuple[str, str, str]:
     return tuple((STATIC_DIR / name).read_text() for name in ("index.html", "style.css", "app.js"))  # type: ignore[return-value]
 
 
-def render_page(settings: Settings) -> Page:
+def render_page(max_prompt_chars: int, auth_mode: str) -> Page:
+    """The page; what it may pick (backends, models, providers) it reads from /capabilities.json."""
     template, style, script = _template()
-    config = {
-        "models": list(settings.hf_allowed_models),
-        "defaultModel": settings.hf_model,
-        "providers": list(settings.hf_allowed_providers),
-        "defaultProvider": settings.hf_provider,
-        "maxPromptChars": settings.max_prompt_chars,
-        "authMode": settings.auth_mode,
-    }
+    config = {"maxPromptChars": max_prompt_chars, "authMode": auth_mode}
     # "</" would end the data block early; "<\/" is the same JSON string.
     config_json = json.dumps(config).replace("</", "<\\/")
     html = template.replace("{{STYLE}}", style).replace("{{SCRIPT}}", script).replace("{{CONFIG}}", config_json)

@@ -1,9 +1,10 @@
 """Making one image, whatever asked for it: cache → limits → seed → single-flight → dispatch →
 embed → store.
 
-The HTTP adapter (imagegen.http) authenticates and parses; everything a generation does after
-that is here, free of Flask, so a streamed answer and a plain one run the same code and report
-the same progress. A paid-for image is never lost: if storing fails it is still returned.
+A door (imagegen.doors: the JSON API and its event stream) authenticates and parses; everything
+a generation does after that is here, free of Flask and of any answer's shape, so every door runs
+the same code and reports the same progress. The result is a `Produced`: each door shapes its own
+answer from it. A paid-for image is never lost: if storing fails it is still returned.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from imagegen.errors import Cancelled, StorageError, UpstreamError, UpstreamTime
 from imagegen.events import ProgressSink, ignore_progress
 from imagegen.logs import prompt_fingerprint
 from imagegen.png_info import PngParts, embed_parameters, png_size, png_text
-from imagegen.ratelimit import RateLimited
+from imagegen.errors import RateLimited
 from imagegen.record import RequestRecord
 from imagegen.retry import Timing
 from imagegen.slots import ImageSlots
@@ -66,17 +67,13 @@ class Produced:
         start = bytes(self.png.head[:24]) + bytes(self.png.body[: max(0, 24 - len(self.png.head))])
         return png_size(start) if len(start) == 24 and start[12:16] == b"IHDR" else (None, None)
 
-    def answer_fields(self) -> dict[str, Any]:
-        """The answer's fields besides the image, in the order the API documents them."""
-        width, height = self.size
+    def facts(self) -> dict[str, Any]:
+        """What made the image, as the API and the log line both name it."""
         fields: dict[str, Any] = {
-            "filePath": self.file_path,
             "backend": self.route.backend,
             "model": self.route.model,
             "provider": self.route.provider,
             "seed": self.seed,
-            "width": width,
-            "height": height,
             "cached": self.cached,
             "ignored": list(self.ignored),
         }
@@ -91,6 +88,7 @@ class Admission:
 
     generation: GenerationRequest  # with the seed the server chose, if the caller chose none
     caller_seed: int | None
+    candidates: list[Candidate]
     cache_names: list[tuple[str, str]]
     record: RequestRecord
     hit: Produced | None = None  # answered from the cache: nothing left to make
@@ -116,16 +114,6 @@ class GenerationService:
         self._timing = timing or Timing()
         self._choose_seed = choose_seed
 
-    def generate(
-        self,
-        generation: GenerationRequest,
-        caller: str,
-        record: RequestRecord,
-        progress: ProgressSink = ignore_progress,
-        cancelled: threading.Event | None = None,
-    ) -> Produced:
-        return self.produce(self.admit(generation, caller, record), progress, cancelled)
-
     def admit(self, generation: GenerationRequest, caller: str, record: RequestRecord) -> Admission:
         """Everything that can refuse a request before any work starts: no backend configured,
         the caller's rate, the daily budgets. A streamed answer calls this before its stream
@@ -142,8 +130,8 @@ class GenerationService:
             with record.phase("cache"):
                 hit = self._cached(cache_names, generation.seed)
             if hit is not None:
-                record.fields.update(_log_fields(hit))
-                return Admission(generation, generation.seed, cache_names, record, hit=hit)
+                record.fields.update(hit.facts())
+                return Admission(generation, generation.seed, candidates, cache_names, record, hit=hit)
         # Counted only for requests that would reach a backend: the limits guard the spending.
         self._take_rate(caller, record)
         reservation = self._state.reserve(caller)
@@ -152,7 +140,7 @@ class GenerationService:
             # Always send a seed, so that every answer's seed reproduces its image where it can.
             generation = dataclasses.replace(generation, seed=self._choose_seed())
         record.fields["seed"] = generation.seed
-        return Admission(generation, caller_seed, cache_names, record, reservation=reservation)
+        return Admission(generation, caller_seed, candidates, cache_names, record, reservation=reservation)
 
     def produce(
         self, admission: Admission, progress: ProgressSink = ignore_progress, cancelled: threading.Event | None = None
@@ -173,13 +161,13 @@ class GenerationService:
             if admission.cache_names:
                 produced = self._produce_once(admission, context)
             else:
-                produced = self._produce(admission.generation, admission.caller_seed, context, admission.record)
+                produced = self._produce(admission, context)
         except (UpstreamError, Cancelled):
             self._refund(admission)  # nothing was paid for: the unit goes back
             raise
         if produced.cached:
             self._refund(admission)  # another request's image: this one cost nothing
-        admission.record.fields.update(_log_fields(produced))
+        admission.record.fields.update(produced.facts())
         return produced
 
     def _refund(self, admission: Admission) -> None:
@@ -199,11 +187,11 @@ class GenerationService:
     def _produce_once(self, admission: Admission, context: GenerationContext) -> Produced:
         """Through single-flight: identical requests in flight, on this instance or (with
         STATE_URL) any other, share one upstream call."""
-        generation, record = admission.generation, admission.record
+        generation = admission.generation
         backend, key = admission.cache_names[0]
 
         def produce() -> tuple[Produced, str | None]:
-            produced = self._produce(generation, admission.caller_seed, context, record)
+            produced = self._produce(admission, context)
             return produced, produced.stored_name
 
         for _ in range(MAX_FLIGHTS_JOINED):
@@ -261,18 +249,13 @@ class GenerationService:
             seed = int(stored_seed)
         return Produced(PngParts.of(png), route, seed, file_path, cached=True)
 
-    def _produce(
-        self,
-        generation: GenerationRequest,
-        caller_seed: int | None,
-        context: GenerationContext,
-        record: RequestRecord,
-    ) -> Produced:
+    def _produce(self, admission: Admission, context: GenerationContext) -> Produced:
         """Generate, embed the parameters, store: the image and where it went."""
+        generation, caller_seed, record = admission.generation, admission.caller_seed, admission.record
         context.slot = self._slots.claim()
         try:
             with record.phase("upstream"):
-                image = self._dispatcher.generate(generation, context, record.attempts)
+                image = self._dispatcher.generate(generation, admission.candidates, context, record.attempts)
             with record.phase("storage"):
                 png = embed_parameters(image, generation)
                 name = self._name_for(generation, image, caller_seed)
@@ -315,18 +298,3 @@ class GenerationService:
             backend = self._dispatcher.backends[image.route.backend]
             return cached_image_name(generation, backend.identity(), image.route.model)
         return image_name(generation.prompt)
-
-
-def _log_fields(produced: Produced) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "backend": produced.route.backend,
-        "model": produced.route.model,
-        "provider": produced.route.provider,
-        "seed": produced.seed,
-        "cached": produced.cached,
-    }
-    if produced.ignored:
-        fields["ignored"] = list(produced.ignored)
-    if produced.warning:
-        fields["warning"] = produced.warning
-    return fields

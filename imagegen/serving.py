@@ -25,14 +25,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flask
 from werkzeug.exceptions import HTTPException
 
-from imagegen.config import DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS, request_head_timeout_seconds
-from imagegen.errors import ConfigurationError
+from imagegen.config import DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
 from imagegen.logs import get_logger
 
 # functions-framework's marker for a crashed execution (its crash_handler sets it on a 500).
@@ -94,17 +93,13 @@ def _answer(status: int, code: str, message: str) -> flask.Response:
     return flask.Response(body, status=status, headers={**_HEADERS, "X-Request-Id": request_id})
 
 
-def limit_request_head_time(environ: Mapping[str, str]) -> None:
-    """Give each request head `REQUEST_HEAD_TIMEOUT_SECONDS` to arrive in gunicorn's gthread worker.
+def limit_request_head_time(seconds: float) -> None:
+    """Give each request head `seconds` (REQUEST_HEAD_TIMEOUT_SECONDS) to arrive in gunicorn's gthread worker.
 
     Called from main.py, which functions-framework imports in gunicorn's parent process before
     the worker is forked, so the worker inherits the patched classes. Calling it again only
     changes the limit.
     """
-    try:
-        seconds = request_head_timeout_seconds(environ)
-    except ConfigurationError:
-        seconds = DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS  # load_settings reports it on every request
     try:
         from gunicorn.workers import gthread
     except ImportError:  # not under gunicorn (Windows, Flask's development server)

@@ -192,9 +192,7 @@ class GcsImageStore:
     def _get_bucket(self):
         with self._client_lock:
             if self._bucket is None:
-                # Without this the client starts a background request for bucket metadata
-                # (google-cloud-storage 3.17), which costs time and fails offline.
-                os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
+                # main.py sets DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA for the process.
                 from google.cloud import storage  # ~165 ms: only deployments with a bucket pay
 
                 self._bucket = storage.Client().bucket(self._bucket_name)

@@ -35,11 +35,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from imagegen.errors import Cancelled, ImageGenError
 from imagegen.events import ProgressSink
-from imagegen.service import Produced
+
+Result = TypeVar("Result")
 
 # A comment line after this much silence keeps proxies (and Cloud Run's front end) from
 # closing an idle stream. Tests shorten it.
@@ -99,21 +100,23 @@ class Outcome:
     bytes_sent: int
 
 
-class GenerationStream:
+class GenerationStream(Generic[Result]):
     """One streamed generation: the work on its own thread, the events as a WSGI body.
 
-    `work(progress, cancelled)` makes the image (or raises an ImageGenError); `success_body`
-    and `error_payload` are the JSON answer's own encoders, so the final event carries
-    exactly what the non-streamed answer would. `on_finish` runs once, when both the work and
-    the stream are over, whichever ends last.
+    `work(progress, cancelled)` makes the result (or raises an ImageGenError); `success_body`
+    and `error_payload` are the door's own answer encoders, so the final event carries exactly
+    what the non-streamed answer would; `oversized(result, length)` is the result event's object
+    when that answer would carry the stream past MAX_STREAM_BYTES. `on_finish` runs once, when
+    both the work and the stream are over, whichever ends last.
     """
 
     def __init__(
         self,
         request_id: str,
-        work: Callable[[ProgressSink, threading.Event], Produced],
-        success_body: Callable[[Produced], tuple[Iterator[bytes], int]],
+        work: Callable[[ProgressSink, threading.Event], Result],
+        success_body: Callable[[Result], tuple[Iterator[bytes], int]],
         error_payload: Callable[[ImageGenError, str], dict[str, Any]],
+        oversized: Callable[[Result, int], dict[str, Any]],
         client_gone: Callable[[], bool] = lambda: False,
         on_finish: Callable[[Outcome], None] = lambda outcome: None,
     ) -> None:
@@ -121,6 +124,7 @@ class GenerationStream:
         self._work = work
         self._success_body = success_body
         self._error_payload = error_payload
+        self._oversized = oversized
         self._client_gone = client_gone
         self._on_finish = on_finish
         self.cancelled = threading.Event()
@@ -194,28 +198,14 @@ class GenerationStream:
         self._bytes_sent += len(piece)
         return piece
 
-    def _result(self, produced: Produced) -> Iterator[bytes]:
-        """The `result` event: the JSON answer, spliced piece by piece as the plain answer is.
-        Where the image would carry the stream past MAX_STREAM_BYTES, the same object with
-        `imageUrl: null` and a warning saying where the image is and how to get it."""
+    def _result(self, result: Result) -> Iterator[bytes]:
+        """The `result` event: the answer, spliced piece by piece as the plain answer is, or
+        the door's smaller stand-in where the answer would carry the stream past MAX_STREAM_BYTES."""
         head, tail = b"event: result\ndata: ", b"\n\n"
-        body, length = self._success_body(produced)
+        body, length = self._success_body(result)
         if self._bytes_sent + len(head) + length + len(tail) <= MAX_STREAM_BYTES:
             return iter([head, *body, tail])
-        fields = produced.answer_fields()
-        where = (
-            f"It is stored as {produced.file_path}; ask again without 'Accept: text/event-stream' to receive it"
-            if produced.file_path
-            else "Ask again without 'Accept: text/event-stream' to receive it"
-        )
-        if produced.seed is not None:
-            where += f" (with seed {produced.seed} it is served from the cache)"
-        note = (
-            f"The image ({length / 1_000_000:.1f} MB as base64) is too large for a streamed answer, "
-            f"which Cloud Run ends at {MAX_STREAM_BYTES / 1_000_000:g} MB. {where}."
-        )
-        fields["warning"] = f"{fields['warning']} {note}" if fields.get("warning") else note
-        return iter([encode_event("result", {"success": True, "imageUrl": None, **fields})])
+        return iter([encode_event("result", self._oversized(result, length))])
 
     def _close_one(self) -> None:
         with self._lock:

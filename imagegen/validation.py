@@ -1,6 +1,6 @@
 """Request validation: raw body bytes in, a typed `GenerationRequest` out, or a 4xx error.
 
-Nothing here talks to the network, so a request that fails here never reaches Hugging Face.
+Nothing here talks to the network, so a request that fails here never reaches a backend.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any
 
-from imagegen.config import Settings
+from imagegen.catalog import Catalog
 from imagegen.domain import GenerationRequest
 from imagegen.errors import InvalidRequest, UnsupportedMediaType
 
@@ -44,7 +44,7 @@ def check_content_type(content_type: str | None) -> None:
         )
 
 
-def parse_generation_request(body: bytes, settings: Settings) -> GenerationRequest:
+def parse_generation_request(body: bytes, catalog: Catalog, max_prompt_chars: int) -> GenerationRequest:
     """Parse and check a JSON body; every error names the field and what was expected."""
     try:
         data = json.loads(body)
@@ -62,17 +62,17 @@ def parse_generation_request(body: bytes, settings: Settings) -> GenerationReque
     prompt = data.get("prompt")
     if prompt is None:
         raise InvalidRequest('The field "prompt" is required.', code="missing_field", field="prompt")
-    prompt = _text(data, "prompt", settings.max_prompt_chars)
+    prompt = _text(data, "prompt", max_prompt_chars)
     if not prompt:
         raise InvalidRequest('The field "prompt" must not be empty.', code="invalid_field", field="prompt")
 
-    backend, model, provider = _route_fields(data, settings)
+    backend, model, provider = _route_fields(data, catalog)
     return GenerationRequest(
         prompt=prompt,
         backend=backend,
         model=model,
         provider=provider,
-        negative_prompt=_text(data, "negativePrompt", settings.max_prompt_chars) or None,
+        negative_prompt=_text(data, "negativePrompt", max_prompt_chars) or None,
         width=_side(data, "width"),
         height=_side(data, "height"),
         steps=_integer(data, "steps", MIN_STEPS, MAX_STEPS),
@@ -205,45 +205,38 @@ def _guidance(data: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def _route_fields(data: dict[str, Any], settings: Settings) -> tuple[str | None, str | None, str | None]:
+def _route_fields(data: dict[str, Any], catalog: Catalog) -> tuple[str | None, str | None, str | None]:
     """The backend, model and provider the caller named (None where not), each allowed here.
 
-    A provider is a Hugging Face one, so it implies the huggingface backend. A model without a
-    backend must be allowed by at least one enabled backend; only those are then tried.
+    A provider is an inference provider of a backend that routes through several (a router),
+    so it implies that backend. A model without a backend must be allowed by at least one
+    enabled backend; only those are then tried.
     """
-    backend = _allowed_choice(data, "backend", settings.backends, "BACKENDS", code="backend_not_allowed")
+    backend = _allowed_choice(data, "backend", catalog.backends, "BACKENDS", code="backend_not_allowed")
     provider = data.get("provider")
     if provider is not None:
-        if backend not in (None, "huggingface") or "huggingface" not in settings.backends:
+        routers = [offer for offer in catalog.with_providers() if backend in (None, offer.backend)]
+        if not routers:
+            names = ", ".join(offer.backend for offer in catalog.with_providers()) or "none is enabled"
             raise InvalidRequest(
-                '"provider" names a Hugging Face inference provider, and this request does not go to '
-                "the huggingface backend. Leave provider out, or use the huggingface backend.",
+                '"provider" names an inference provider, and this request does not go to a backend that '
+                f"routes through providers ({names}). Leave provider out, or name such a backend.",
                 code="provider_not_allowed",
                 field="provider",
             )
-        backend_for_model = "huggingface"
+        router = routers[0]
+        backend_for_model: str | None = router.backend
         provider = _allowed_choice(
-            data, "provider", settings.hf_allowed_providers, "HF_ALLOWED_PROVIDERS", code="provider_not_allowed"
+            data, "provider", router.providers, router.providers_setting or "", code="provider_not_allowed"
         )
     else:
         backend_for_model = backend
     if backend_for_model is not None:
-        section = settings.backend_settings[backend_for_model]
-        model = _allowed_choice(
-            data, "model", section.allowed_models, _allowed_models_variable(backend_for_model), code="model_not_allowed"
-        )
+        offer = catalog.offer(backend_for_model)
+        model = _allowed_choice(data, "model", offer.models, offer.models_setting, code="model_not_allowed")
     else:
-        allowed = tuple(
-            dict.fromkeys(m for name in settings.backends for m in settings.backend_settings[name].allowed_models)
-        )
-        model = _allowed_choice(data, "model", allowed, "<BACKEND>_ALLOWED_MODELS", code="model_not_allowed")
+        model = _allowed_choice(data, "model", catalog.models, "<BACKEND>_ALLOWED_MODELS", code="model_not_allowed")
     return backend, model, provider
-
-
-def _allowed_models_variable(backend: str) -> str:
-    from imagegen.backends.registry import BACKENDS
-
-    return BACKENDS[backend].allowed_models_variable
 
 
 def _allowed_choice(data: dict[str, Any], name: str, allowed: tuple[str, ...], setting: str, code: str) -> str | None:

@@ -9,7 +9,7 @@ import requests
 from imagegen.backends.base import GenerationContext
 from imagegen.backends.exchange import new_session
 from imagegen.backends.huggingface.backend import create
-from imagegen.backends.registry import create_backends
+from imagegen.app import create_backends
 from imagegen.config import Settings
 from imagegen.dispatch import Dispatcher
 from imagegen.domain import Attempt, GeneratedImage, GenerationRequest
@@ -30,7 +30,7 @@ class HuggingFaceClient:
         context = GenerationContext(
             deadline=self.timing.clock() + self.settings.deadline_seconds, timing=self.timing, slot=slot
         )
-        return self.dispatcher.generate(request, context, attempts)
+        return self.dispatcher.generate(request, self.dispatcher.candidates(request), context, attempts)
 
 
 class BackendsClient:
@@ -64,4 +64,24 @@ class BackendsClient:
             progress=progress or self.progress,
             cancelled=self.cancelled,
         )
-        return self.dispatcher.generate(request, context, attempts)
+        return self.dispatcher.generate(request, self.dispatcher.candidates(request), context, attempts)
+
+
+def parse_request(body: bytes, settings: Settings) -> GenerationRequest:
+    """Validate a body against what these settings' backends offer, as the JSON API does."""
+    from imagegen.catalog import catalog_of
+    from imagegen.validation import parse_generation_request
+
+    catalog = catalog_of(create_backends(settings, new_session()))
+    return parse_generation_request(body, catalog, settings.max_prompt_chars)
+
+
+def handler_with_parts(settings: Settings):
+    """The function's handler for these settings, with the dispatcher and shared state it
+    was built with, for tests that watch them (waiters in single-flight, a backend's identity)."""
+    from imagegen.app import Parts, build_handler
+    from imagegen.state import make_state
+
+    dispatcher = Dispatcher(create_backends(settings, new_session()), settings.max_retries)
+    state = make_state(settings.state)
+    return build_handler(settings, Parts(dispatcher=dispatcher, state=state)), dispatcher, state

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from imagegen.errors import BudgetExhausted
-from imagegen.ratelimit import RateLimited
+from imagegen.errors import RateLimited
 from imagegen.state.base import RatePolicy
 from imagegen.state.redis import RedisState, connect
 

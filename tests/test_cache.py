@@ -11,9 +11,10 @@ import pytest
 import requests
 import responses
 
-from imagegen.cache import SingleFlight, cache_key, cached_image_name
+from imagegen.cache import cache_key, cached_image_name
+from imagegen.state.single_flight import SingleFlight
 from imagegen.config import load_settings
-from imagegen.http import Handler
+from tests.clients import handler_with_parts
 from imagegen.domain import GenerationRequest
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import Reply, make_png
@@ -159,7 +160,7 @@ def test_single_flight_passes_the_leaders_error_on_and_forgets_it():
 
 def test_identical_requests_in_flight_make_one_upstream_call(make_settings, router, tmp_path):
     settings = load_settings({"HUGGING_FACE_API_KEY": TEST_TOKEN, "HF_ROUTER_URL": router.url, "IMAGE_DIR": str(tmp_path), "RATE_LIMIT_PER_MINUTE": "0"})
-    handler = Handler(settings)
+    handler, dispatcher, state = handler_with_parts(settings)
     app = flask.Flask("t")
     app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])
     held = threading.Event()
@@ -176,9 +177,9 @@ def test_identical_requests_in_flight_make_one_upstream_call(make_settings, rout
     wait_until(lambda: len(router.posts()) == 1, 10, "the first request to reach the router")
     for thread in threads[1:]:
         thread.start()
-    backend = handler._service._dispatcher.backends["huggingface"]
+    backend = dispatcher.backends["huggingface"]
     key = cached_image_name(GenerationRequest(prompt="a red fox", width=256, height=256, seed=42), backend.identity(), MODEL)
-    wait_until(lambda: handler._service._state._flights.waiters(key) == 4, 10, "the identical requests to wait")
+    wait_until(lambda: state._flights.waiters(key) == 4, 10, "the identical requests to wait")
     held.set()
     for thread in threads:
         thread.join(20)
@@ -215,8 +216,8 @@ def test_a_follower_that_waits_too_long_gets_a_504(make_settings, monkeypatch, m
     import imagegen.service
 
     monkeypatch.setattr(imagegen.service, "SINGLE_FLIGHT_GRACE_SECONDS", 0)
-    handler = Handler(make_settings(HF_DEADLINE_SECONDS="1", RATE_LIMIT_PER_MINUTE="0"))
-    monkeypatch.setattr(handler._service._state._flights, "do", lambda *a, **k: (_ for _ in ()).throw(TimeoutError()))
+    handler, _, state = handler_with_parts(make_settings(DEADLINE_SECONDS="1", RATE_LIMIT_PER_MINUTE="0"))
+    monkeypatch.setattr(state._flights, "do", lambda *a, **k: (_ for _ in ()).throw(TimeoutError()))
     app = flask.Flask("t")
     app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])
     answer = app.test_client().post("/", json=SEEDED)

@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.config import DEFAULT_MODEL, Settings, load_settings
+from imagegen.backends.registry import BACKENDS
+from imagegen.config import Settings, load_settings
+
+DEFAULT_MODEL = BACKENDS["huggingface"].default_model
+
+
+def huggingface(settings: Settings):
+    return settings.backend_settings["huggingface"]
 from imagegen.errors import ConfigurationError
 
 
@@ -11,19 +18,19 @@ def test_defaults(monkeypatch):
     settings = load_settings({"K_SERVICE": "imagegen"})  # as deployed: Cloud Run sets K_SERVICE
     assert settings.backends == ()
     assert settings.trusted_proxy_hops == 1 and load_settings({}).trusted_proxy_hops == 0  # run anywhere else
-    assert settings.hf_router_url == "https://router.huggingface.co"
-    assert settings.hf_allowed_models == (DEFAULT_MODEL,)
+    assert huggingface(settings).base_url == "https://router.huggingface.co"
+    assert huggingface(settings).allowed_models == (DEFAULT_MODEL,)
     assert settings.image_dir == Path("/tmp/imagegen") and settings.image_dir_max_files == 200
     assert settings.timeout_seconds == 120 and settings.deadline_seconds == 150
     assert settings.cors_allowed_origins == ("*",)
 
 
 def test_token_comes_from_the_seed_name_first_then_hf_token():
-    assert load_settings({"HF_TOKEN": "hf_b"}).hf_token == "hf_b"
-    assert load_settings({"HUGGING_FACE_API_KEY": "hf_a", "HF_TOKEN": "hf_b"}).hf_token == "hf_a"
+    assert huggingface(load_settings({"HF_TOKEN": "hf_b"})).api_key == "hf_b"
+    assert huggingface(load_settings({"HUGGING_FACE_API_KEY": "hf_a", "HF_TOKEN": "hf_b"})).api_key == "hf_a"
     # Secret Manager values often end with a newline.
-    assert load_settings({"HUGGING_FACE_API_KEY": "hf_a\n"}).hf_token == "hf_a"
-    assert load_settings({"HUGGING_FACE_API_KEY": ""}).hf_token is None
+    assert huggingface(load_settings({"HUGGING_FACE_API_KEY": "hf_a\n"})).api_key == "hf_a"
+    assert huggingface(load_settings({"HUGGING_FACE_API_KEY": ""})).api_key is None
 
 
 def test_token_is_not_in_the_settings_repr():
@@ -56,7 +63,7 @@ def test_generic_timing_names_win_over_the_hf_ones():
 
 def test_allowed_models_always_include_the_default_model():
     settings = load_settings({"HF_MODEL": "a/b", "HF_ALLOWED_MODELS": "c/d, a/b ,e/f"})
-    assert settings.hf_allowed_models == ("a/b", "c/d", "e/f")
+    assert huggingface(settings).allowed_models == ("a/b", "c/d", "e/f")
 
 
 def test_values_are_parsed():
@@ -70,7 +77,7 @@ def test_values_are_parsed():
             "CORS_ALLOWED_ORIGINS": "https://a.example, http://localhost:3000/",
         }
     )
-    assert settings.hf_router_url == "http://127.0.0.1:9000"
+    assert huggingface(settings).base_url == "http://127.0.0.1:9000"
     assert settings.timeout_seconds == 2.5
     assert settings.image_dir_max_files == 3
     assert settings.image_bucket == "my-bucket" and settings.image_prefix == "gen/"

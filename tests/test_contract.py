@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from openapi_spec_validator import validate
 
 from imagegen import validation
-from imagegen.config import DEFAULT_MAX_PROMPT_CHARS, KNOWN_PROVIDERS, load_settings
+from imagegen.backends.huggingface.backend import KNOWN_PROVIDERS
+from imagegen.config import DEFAULT_MAX_PROMPT_CHARS, load_settings
 from imagegen.cors import ALLOWED_HEADERS
 from imagegen.errors import InvalidRequest
 from imagegen.backends.huggingface.providers import PROVIDERS
@@ -20,6 +21,7 @@ from tests.contract import schema, spec, validate_body
 from tests.fake_router import make_png
 from tests.servers import REPO_ROOT
 from tests.test_docs import codes_in_source
+from tests.clients import parse_request
 
 MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 URL = f"https://router.huggingface.co/hf-inference/models/{MODEL}"
@@ -102,7 +104,7 @@ SETTINGS = load_settings({"HUGGING_FACE_API_KEY": TEST_TOKEN})
 def test_any_json_is_a_request_or_a_400_naming_the_field(value):
     body = json.dumps(value).encode()
     try:
-        request = validation.parse_generation_request(body, SETTINGS)
+        request = parse_request(body, SETTINGS)
     except InvalidRequest as error:
         assert error.status == 400 and error.message
         if isinstance(value, dict) and value:
@@ -199,9 +201,9 @@ def test_severity_follows_the_outcome(make_app, mocked, tmp_path, capsys):
 
 
 def test_an_unexpected_error_is_logged_with_its_traceback_but_answered_plainly(make_app, mocked, caplog, monkeypatch):
-    import imagegen.http
+    import imagegen.doors.json_api
 
-    monkeypatch.setattr(imagegen.http, "success_body", lambda *a: 1 / 0)
+    monkeypatch.setattr(imagegen.doors.json_api, "success_body", lambda *a: 1 / 0)
     mocked.post(URL, body=make_png(), content_type="image/png")
     caplog.set_level(logging.ERROR)
     answer = make_app().post("/", json={"prompt": "x"})

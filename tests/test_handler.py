@@ -229,12 +229,12 @@ def test_storage_failure_still_returns_the_image(make_app, mocked, tmp_path):
 
 
 def test_unexpected_errors_are_a_plain_500(make_app, mocked, monkeypatch):
-    import imagegen.http
+    import imagegen.doors.json_api
 
     def explode(*args, **kwargs):
         raise RuntimeError("internal detail /srv/secret/path")
 
-    monkeypatch.setattr(imagegen.http, "success_body", explode)
+    monkeypatch.setattr(imagegen.doors.json_api, "success_body", explode)
     mocked.post(URL, body=make_png(), content_type="image/png")
     answer = make_app().post("/", json={"prompt": "x"})
     body = error_of(answer, 500, "internal_error")
@@ -327,8 +327,9 @@ def test_page_is_served_with_a_strict_csp(make_app):
     for block in (script, style):
         digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
         assert f"'sha256-{digest}'" in policy
-    config = json.loads(re.search(r'id="imagegen-config">(.*?)</script>', html, re.S).group(1))
-    assert config["providers"] == ["hf-inference", "fal-ai", "together"] and config["models"] == [MODEL]
+    # The page's pickers are filled from /capabilities.json: what the backends offer.
+    offered = app.get("/capabilities.json").get_json()
+    assert offered["providers"] == ["hf-inference", "fal-ai", "together"] and offered["backends"][0]["models"] == [MODEL]
 
 
 def test_page_can_be_turned_off(make_app):
@@ -355,7 +356,8 @@ def test_streamed_base64_equals_base64_of_the_whole(head_length, body_length):
     import os
 
     from imagegen.domain import Route
-    from imagegen.http import Produced, success_body
+    from imagegen.doors.json_api import success_body
+    from imagegen.service import Produced
     from imagegen.png_info import PngParts
 
     head, body = os.urandom(head_length), os.urandom(body_length)
@@ -368,12 +370,12 @@ def test_streamed_base64_equals_base64_of_the_whole(head_length, body_length):
 
 
 def test_image_slots_are_given_back_on_success_and_failure(monkeypatch, make_settings, mocked):
-    from imagegen.http import Handler
+    from imagegen.app import Parts, build_handler
     from imagegen.slots import ImageSlots
 
     slots = ImageSlots(1)
     app = flask.Flask("t")
-    handler = Handler(make_settings(HF_MAX_RETRIES="0", RATE_LIMIT_PER_MINUTE="0"), slots=slots)
+    handler = build_handler(make_settings(MAX_RETRIES="0", RATE_LIMIT_PER_MINUTE="0"), Parts(slots=slots))
     app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])
     client = app.test_client()
     mocked.post(URL, json={"error": "busy"}, status=503)

@@ -14,6 +14,7 @@ import responses
 from imagegen.errors import InvalidRequest
 from imagegen.validation import parse_generation_request
 from tests.fake_router import make_png
+from tests.clients import parse_request
 
 MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 URL = f"https://router.huggingface.co/hf-inference/models/{MODEL}"
@@ -51,7 +52,7 @@ def test_a_lone_surrogate_is_a_400_naming_the_field_before_any_upstream_call(mak
 
 
 def test_a_proper_surrogate_pair_is_just_text(make_settings):
-    request = parse_generation_request('{"prompt": "a fox \\ud83e\\udd8a"}'.encode(), make_settings())
+    request = parse_request('{"prompt": "a fox \\ud83e\\udd8a"}'.encode(), make_settings())
     assert request.prompt == "a fox \U0001f98a"
 
 
@@ -59,7 +60,7 @@ def test_echoing_a_surrogate_in_an_error_never_raises(make_settings):
     # The unknown-field and allow-list messages echo what was sent; they must stay encodable.
     for body in ('{"prompt": "x", "mod\\ud800el": 1}', '{"prompt": "x", "model": "a\\udc00b"}'):
         with pytest.raises(InvalidRequest) as caught:
-            parse_generation_request(body.encode(), make_settings())
+            parse_request(body.encode(), make_settings())
         json.dumps({"error": caught.value.message, "field": caught.value.field}, ensure_ascii=False).encode("utf-8")
 
 
@@ -109,7 +110,7 @@ def test_a_log_line_with_a_lone_surrogate_is_still_written_as_json(capsys):
 
 def test_whole_numbers_written_as_floats_are_integers(make_settings):
     body = b'{"prompt": "x", "steps": 61.0, "height": 728.0, "width": 7.68e2, "seed": 4294967295.0}'
-    request = parse_generation_request(body, make_settings())
+    request = parse_request(body, make_settings())
     assert (request.steps, request.height, request.width, request.seed) == (61, 728, 768, 4294967295)
     assert all(type(value) is int for value in (request.steps, request.height, request.width, request.seed))
 
@@ -121,7 +122,7 @@ def test_whole_numbers_written_as_floats_are_integers(make_settings):
 )
 def test_other_floats_stay_refused_for_integer_fields(make_settings, field, raw):
     with pytest.raises(InvalidRequest) as caught:
-        parse_generation_request(f'{{"prompt": "x", "{field}": {raw}}}'.encode(), make_settings())
+        parse_request(f'{{"prompt": "x", "{field}": {raw}}}'.encode(), make_settings())
     assert caught.value.field == field
 
 
@@ -444,8 +445,8 @@ def test_on_cloud_run_each_forwarded_caller_has_its_own_limit(make_app, mocked):
 
 from collections import OrderedDict  # noqa: E402
 
-import imagegen.ratelimit  # noqa: E402
-from imagegen.ratelimit import RateLimiter  # noqa: E402
+import imagegen.state.ratelimit  # noqa: E402
+from imagegen.state.ratelimit import RateLimiter  # noqa: E402
 
 
 class CountingBuckets(OrderedDict):
@@ -460,7 +461,7 @@ class CountingBuckets(OrderedDict):
 
 
 def test_forgetting_idle_callers_looks_at_few_buckets_per_call(monkeypatch):
-    monkeypatch.setattr(imagegen.ratelimit, "MAX_TRACKED_CALLERS", 100)
+    monkeypatch.setattr(imagegen.state.ratelimit, "MAX_TRACKED_CALLERS", 100)
     limiter = RateLimiter(per_minute=60, burst=1, clock=lambda: 0.0)
     limiter._buckets = CountingBuckets()
     CountingBuckets.looked_at = 0
@@ -471,7 +472,7 @@ def test_forgetting_idle_callers_looks_at_few_buckets_per_call(monkeypatch):
 
 
 def test_idle_callers_are_forgotten_least_recently_used_first(monkeypatch):
-    monkeypatch.setattr(imagegen.ratelimit, "MAX_TRACKED_CALLERS", 5)
+    monkeypatch.setattr(imagegen.state.ratelimit, "MAX_TRACKED_CALLERS", 5)
     now = [0.0]
     limiter = RateLimiter(per_minute=60, burst=1, clock=lambda: now[0])  # a bucket is full after 1 s
     for caller, at in (("a", 0.0), ("b", 0.5), ("c", 1.0), ("a", 1.2), ("d", 1.3), ("e", 1.4), ("f", 1.6)):
@@ -776,6 +777,6 @@ def test_a_log_line_that_fails_never_costs_the_answer(make_app, monkeypatch):
     def broken_log(*args, **kwargs):
         raise RuntimeError("a bug in the log line")
 
-    monkeypatch.setattr(imagegen.http.Handler, "_write_log", broken_log)
+    monkeypatch.setattr(imagegen.http.AccessLog, "_write", broken_log)
     answer = make_app().get("/openapi.yaml")
     assert answer.status_code == 200

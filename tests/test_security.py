@@ -19,7 +19,8 @@ from imagegen.auth import FIREBASE_CERTS_URL, GOOGLE_CERTS_URL, client_ip
 from imagegen.config import load_settings
 from imagegen.errors import ConfigurationError
 from imagegen.backends.huggingface.providers import PROVIDERS
-from imagegen.ratelimit import RateLimited, RateLimiter
+from imagegen.errors import RateLimited
+from imagegen.state.ratelimit import RateLimiter
 from imagegen.domain import GenerationRequest
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import make_png
@@ -232,9 +233,9 @@ def test_rate_limit_zero_turns_it_off():
 
 
 def test_idle_callers_are_forgotten(monkeypatch):
-    import imagegen.ratelimit
+    import imagegen.state.ratelimit
 
-    monkeypatch.setattr(imagegen.ratelimit, "MAX_TRACKED_CALLERS", 10)
+    monkeypatch.setattr(imagegen.state.ratelimit, "MAX_TRACKED_CALLERS", 10)
     now = [0.0]
     limiter = RateLimiter(per_minute=60, burst=1, clock=lambda: now[0])
     for caller in range(10):
@@ -310,7 +311,7 @@ def test_every_route_stays_on_the_router(model, provider):
     from urllib.parse import urlsplit
 
     settings = load_settings({"HF_ALLOWED_MODELS": model})
-    call = PROVIDERS[provider].build(GenerationRequest(prompt="p", model=model), model, settings.hf_router_url)
+    call = PROVIDERS[provider].build(GenerationRequest(prompt="p", model=model), model, settings.backend_settings["huggingface"].base_url)
     parts = urlsplit(call.url)
     assert (parts.scheme, parts.netloc) == ("https", "router.huggingface.co")
     assert ".." not in parts.path.split("/")

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from imagegen.errors import BudgetExhausted, ConfigurationError, StateUnavailable, UpstreamError
-from imagegen.ratelimit import RateLimited
+from imagegen.errors import RateLimited
 from imagegen.state import (
     RateDecision,
     RatePolicy,

@@ -355,12 +355,12 @@ def test_a_request_waiting_on_a_cancelled_identical_one_makes_its_own(router, tm
     from imagegen.cache import cached_image_name
     from imagegen.config import load_settings
     from imagegen.domain import GenerationRequest
-    from imagegen.http import Handler
+    from tests.clients import handler_with_parts
 
     settings = load_settings(
         {"HUGGING_FACE_API_KEY": TEST_TOKEN, "HF_ROUTER_URL": router.url, "IMAGE_DIR": str(tmp_path), "HF_MAX_RETRIES": "1"}
     )
-    handler = Handler(settings)
+    handler, dispatcher, state = handler_with_parts(settings)
     app = flask.Flask("t")
     app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])
     seeded = {"prompt": "shared", "seed": 4, "width": 256, "height": 256}
@@ -372,9 +372,9 @@ def test_a_request_waiting_on_a_cancelled_identical_one_makes_its_own(router, tm
     answers = []
     follower = threading.Thread(target=lambda: answers.append(app.test_client().post("/", json=seeded)))
     follower.start()
-    backend = handler._service._dispatcher.backends["huggingface"]
+    backend = dispatcher.backends["huggingface"]
     key = cached_image_name(GenerationRequest(prompt="shared", width=256, height=256, seed=4), backend.identity(), backend.default_model)
-    wait_until(lambda: handler._service._state._flights.waiters(key) == 1, 10, "the identical request to wait")
+    wait_until(lambda: state._flights.waiters(key) == 1, 10, "the identical request to wait")
     leader.close()  # its caller leaves during the retry wait
     follower.join(20)
     assert answers[0].status_code == 200 and answers[0].get_json()["cached"] is False

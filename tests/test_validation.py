@@ -4,13 +4,14 @@ import pytest
 
 from imagegen.errors import InvalidRequest, UnsupportedMediaType
 from imagegen.validation import GenerationRequest, check_content_type, parse_generation_request
+from tests.clients import parse_request
 
 MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 
 
 def parse(body, settings):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return parse_generation_request(raw, settings)
+    return parse_request(raw, settings)
 
 
 def error_for(body, settings) -> InvalidRequest:

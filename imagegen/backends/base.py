@@ -75,7 +75,11 @@ class GenerationContext:
 
 
 class Backend(Protocol):
-    """An image API (or a local model) behind the one endpoint."""
+    """An image API (or a local model) behind the one endpoint.
+
+    A backend that routes through several inference providers (a router) may also have
+    `providers`: the ones a request may name, its default first (see `providers_of`).
+    """
 
     name: str
     default_model: str
@@ -96,3 +100,7 @@ class Backend(Protocol):
         """One try: the image, or an UpstreamError."""
         ...
 
+
+def providers_of(backend: Backend) -> tuple[str, ...]:
+    """The inference providers a request may name on this backend; () for most backends."""
+    return tuple(getattr(backend, "providers", ()))

@@ -1,9 +1,11 @@
-"""Every backend this function can front, in one table, and building the configured ones.
+"""Every backend this function can front, in one table: how each is configured and where its
+module is. Data only: config.py reads its variables from here, and the composition root
+(imagegen.app) imports the enabled modules, so a deployment pays (in cold start) only for what
+it uses.
 
 A backend is one module with a `create(settings, section, session)` function and one entry
-here saying how it is configured. Modules are imported only when their backend is enabled,
-so a deployment pays (in cold start) only for what it uses. The README's backend table,
-`env.yaml` and `openapi.yaml` are checked against `BACKENDS` by tests/test_docs.py.
+here. The docs' backend table, `env.yaml` and `openapi.yaml` are checked against `BACKENDS` by
+tests/test_docs.py.
 """
 
 from __future__ import annotations
@@ -13,13 +15,6 @@ import importlib.util
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import requests
-
-    from imagegen.backends.base import Backend
-    from imagegen.config import BackendSettings, Settings
 
 _HUB_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}"
 _PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,95}"
@@ -45,6 +40,9 @@ class BackendSpec:
     enabled_by: str | None = None
     # Enabled by default only when no other backend is (the local model).
     fallback: bool = False
+    # Where a backend routes through inference providers a request may name: the variable that
+    # lists them (the backend's `providers`).
+    providers_variable: str | None = None
 
     def credential_hint(self) -> str:
         return " or ".join((*self.key_variables, *((self.enabled_by,) if self.enabled_by else ())))
@@ -65,6 +63,14 @@ def _spec(name: str, prefix: str, default_model: str, pattern: str, example: str
     )
 
 
+# Older names of settings every backend shares, still read when the new name is unset: they
+# were Hugging Face's when it was the only backend.
+SETTING_ALIASES: Mapping[str, str] = {
+    "TIMEOUT_SECONDS": "HF_TIMEOUT_SECONDS",
+    "DEADLINE_SECONDS": "HF_DEADLINE_SECONDS",
+    "MAX_RETRIES": "HF_MAX_RETRIES",
+}
+
 # In the default failover order.
 BACKENDS: Mapping[str, BackendSpec] = {
     spec.name: spec
@@ -79,6 +85,9 @@ BACKENDS: Mapping[str, BackendSpec] = {
             key_variables=("HUGGING_FACE_API_KEY", "HF_TOKEN"),
             url_variable="HF_ROUTER_URL",
             default_url="https://router.huggingface.co",
+            options=("HF_PROVIDER", "HF_ALLOWED_PROVIDERS", "HF_HUB_URL", "HF_MAPPING_TTL_SECONDS"),
+            providers_variable="HF_ALLOWED_PROVIDERS",
+            option_defaults={"HF_PROVIDER": "hf-inference", "HF_HUB_URL": "https://huggingface.co", "HF_MAPPING_TTL_SECONDS": "600"},
         ),
         _spec(
             "openai",
@@ -155,13 +164,3 @@ def local_model_installed() -> bool:
         return all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers"))
     except (ImportError, ValueError):  # a broken install, or an import hook that refuses them
         return False
-
-
-def create_backends(settings: Settings, session: requests.Session) -> dict[str, Backend]:
-    """The configured backends, in failover order; each module imported only now."""
-    backends: dict[str, Backend] = {}
-    for name in settings.backends:
-        section: BackendSettings = settings.backend_settings[name]
-        module = importlib.import_module(BACKENDS[name].module)
-        backends[name] = module.create(settings, section, session)
-    return backends

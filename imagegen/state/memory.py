@@ -1,6 +1,6 @@
 """Shared state for one instance: what every deployment without STATE_URL runs.
 
-The token bucket is `imagegen.ratelimit.RateLimiter`; the daily budgets are two counters that
+The token bucket is `imagegen.state.ratelimit.RateLimiter`; the daily budgets are two counters that
 start over at 00:00 UTC; single-flight is the in-process `SingleFlight`. `RedisState` also keeps
 one of these as its fallback while Redis does not answer (STATE_FAILURE=open).
 """
@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from imagegen.cache import SingleFlight
-from imagegen.ratelimit import RateLimiter
+from imagegen.state.single_flight import SingleFlight
+from imagegen.state.ratelimit import RateLimiter
 from imagegen.state.base import (
     RateDecision,
     RatePolicy,

@@ -41,10 +41,10 @@ from redis.retry import Retry
 
 from urllib.parse import unquote, urlsplit
 
-from imagegen.cache import SingleFlight
+from imagegen.state.single_flight import SingleFlight
 from imagegen.errors import StateUnavailable
 from imagegen.logs import get_logger
-from imagegen.ratelimit import bucket_decision, rate_limited
+from imagegen.state.ratelimit import bucket_decision, rate_limited
 from imagegen.state.base import (
     SECONDS_PER_DAY,
     RateDecision,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-from imagegen.env_values import invalid_setting
+from imagegen.env_values import invalid_setting, parse_boolean, parse_choice, parse_number
 from imagegen.state.base import RatePolicy
 
 FAILURE_MODES = ("open", "closed")
@@ -43,17 +43,11 @@ def load_state_settings(
     url = get("STATE_URL")
     if url is not None:
         _check_url(url)
-    failure = (get("STATE_FAILURE") or "open").lower()
-    if failure not in FAILURE_MODES:
-        raise invalid_setting("STATE_FAILURE", failure, "open or closed")
-    cluster = (get("STATE_CLUSTER") or "false").lower()
-    if cluster not in ("true", "false"):
-        raise invalid_setting("STATE_CLUSTER", cluster, "true or false")
     return StateSettings(
         rate=RatePolicy(per_minute=rate_limit_per_minute, burst=rate_limit_burst),
         url=url,
-        failure=failure,
-        cluster=cluster == "true",
+        failure=parse_choice("STATE_FAILURE", get("STATE_FAILURE"), FAILURE_MODES, default="open"),
+        cluster=parse_boolean("STATE_CLUSTER", get("STATE_CLUSTER"), default=False),
         daily_image_limit=_limit("DAILY_IMAGE_LIMIT", get("DAILY_IMAGE_LIMIT")),
         daily_image_limit_per_caller=_limit("DAILY_IMAGE_LIMIT_PER_CALLER", get("DAILY_IMAGE_LIMIT_PER_CALLER")),
     )
@@ -86,12 +80,4 @@ def _check_url(url: str) -> None:
 
 
 def _limit(name: str, raw: str | None) -> int:
-    if raw is None:
-        return 0
-    try:
-        value = int(raw)
-    except ValueError:
-        raise invalid_setting(name, raw, f"a whole number of images from 0 (no limit) to {MAX_DAILY_LIMIT}") from None
-    if not 0 <= value <= MAX_DAILY_LIMIT:
-        raise invalid_setting(name, raw, f"a whole number of images from 0 (no limit) to {MAX_DAILY_LIMIT}")
-    return value
+    return int(parse_number(name, raw, 0, 0, MAX_DAILY_LIMIT, integer=True))

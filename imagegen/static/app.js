@@ -50,8 +50,8 @@
     $("credential-field").hidden = false;
     $("credential-label").textContent = config.authMode === "api-key" ? "API key" : "ID token";
   }
-  fillChoice("model", config.models, config.defaultModel);
-  fillChoice("provider", config.providers, config.defaultProvider);
+  // The pickers list what /capabilities.json says this server offers (describeServer).
+  const choices = { models: [], providers: [] };
   restoreHistory();
   describeServer();
 
@@ -80,6 +80,10 @@
       generateButton.setAttribute("aria-describedby", "notice");
       return;
     }
+    choices.models = [...new Set(capabilities.backends.flatMap((b) => b.models))];
+    choices.providers = capabilities.providers || [];
+    fillChoice("model", choices.models, capabilities.backends[0].defaultModel);
+    fillChoice("provider", choices.providers, choices.providers[0]);
     const names = capabilities.backends.map((b) => `${b.name} (${b.defaultModel}${b.placeholder ? ", placeholders only" : ""})`);
     const server = $("server");
     server.textContent = `This server uses ${names.join(", then ")}.`;
@@ -114,8 +118,8 @@
     if (text("steps")) body.steps = Number(text("steps"));
     if (text("guidance")) body.guidanceScale = Number(text("guidance"));
     if (text("seed")) body.seed = Number(text("seed"));
-    if (config.models.length > 1) body.model = $("model").value;
-    if (config.providers.length > 1) body.provider = $("provider").value;
+    if (choices.models.length > 1) body.model = $("model").value;
+    if (choices.providers.length > 1) body.provider = $("provider").value;
     return body;
   }
 

@@ -24,13 +24,17 @@ from imagegen.backends.huggingface.providers.base import (
     TaskFailed,
 )
 from imagegen.backends.vendor import CallContext, Vendor, clip
-from imagegen.config import BackendSettings, Settings, base_url_is_loopback
+from imagegen.config import BackendSettings, Settings, base_url_is_loopback, check_http_url
+from imagegen.env_values import invalid_setting, parse_number
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import ConfigurationError, UpstreamError, UpstreamTimeout
 from imagegen.identity import account_fingerprint
 from imagegen.images import NotAnImage, ensure_png
 
 POLL_INTERVAL_SECONDS = 0.5
+# What HF_PROVIDER and a request's "provider" may name; "auto" asks the Hub which providers
+# serve the model and fails over between them.
+KNOWN_PROVIDERS = ("auto", *PROVIDERS)
 PROVIDER_MODELS_URL = "https://huggingface.co/models?pipeline_tag=text-to-image&inference_provider={provider}"
 
 
@@ -66,15 +70,26 @@ class HuggingFaceBackend:
     name = "huggingface"
 
     def __init__(self, settings: Settings, section: BackendSettings, session: requests.Session) -> None:
-        self._settings = settings
+        options = section.options
         self._token = section.api_key
-        self._router_url = section.base_url or settings.hf_router_url
+        assert section.base_url is not None  # the registry gives HF_ROUTER_URL a default
+        self._router_url = section.base_url
         self._session = session
         self._exchange = HttpExchange(session, settings.timeout_seconds, settings.deadline_seconds)
-        self._mapping = ProviderMapping(settings, session)
+        self._mapping = ProviderMapping(
+            check_http_url("HF_HUB_URL", options["HF_HUB_URL"]),
+            parse_number("HF_MAPPING_TTL_SECONDS", options.get("HF_MAPPING_TTL_SECONDS"), 600, 0, 86_400),
+            session,
+        )
         self._loopback = base_url_is_loopback(self._router_url)
         self.default_model = section.model
         self.allowed_models = section.allowed_models
+        # The default provider first; a request's "provider" may name any of these.
+        self.default_provider = _provider("HF_PROVIDER", options["HF_PROVIDER"])
+        allowed = (item.strip() for item in options.get("HF_ALLOWED_PROVIDERS", "").split(","))
+        self.providers = tuple(
+            dict.fromkeys((self.default_provider, *(_provider("HF_ALLOWED_PROVIDERS", item) for item in allowed if item)))
+        )
 
     def identity(self) -> str:
         return f"huggingface {self._router_url} {account_fingerprint(self._token)}"
@@ -83,7 +98,7 @@ class HuggingFaceBackend:
         return Capabilities()
 
     def routes(self, request: GenerationRequest, model: str, context: GenerationContext) -> list[Route]:
-        provider = request.provider or self._settings.hf_provider
+        provider = request.provider or self.default_provider
         return self._mapping.routes(model, provider, self._require_token(), context.timing.clock)
 
     def generate(self, route: Route, request: GenerationRequest, context: GenerationContext) -> GeneratedImage:
@@ -148,6 +163,12 @@ class HuggingFaceBackend:
                 code="missing_api_key",
             )
         return self._token
+
+
+def _provider(variable: str, raw: str) -> str:
+    if raw not in KNOWN_PROVIDERS:
+        raise invalid_setting(variable, raw, "one of " + ", ".join(KNOWN_PROVIDERS))
+    return raw
 
 
 def _auth(token: str) -> dict[str, str]:

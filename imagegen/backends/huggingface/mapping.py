@@ -14,7 +14,6 @@ from urllib.parse import quote
 
 import requests
 
-from imagegen.config import Settings
 from imagegen.domain import Route
 from imagegen.errors import UpstreamError
 from imagegen.backends.huggingface.providers import PROVIDERS
@@ -28,8 +27,9 @@ class HubUnavailable(Exception):
 
 
 class ProviderMapping:
-    def __init__(self, settings: Settings, session: requests.Session) -> None:
-        self._settings = settings
+    def __init__(self, hub_url: str, ttl_seconds: float, session: requests.Session) -> None:
+        self._hub_url = hub_url
+        self._ttl_seconds = ttl_seconds
         self._session = session
         self._cache: dict[str, tuple[float, tuple[tuple[str, str], ...]]] = {}
         self._lock = threading.Lock()
@@ -65,11 +65,11 @@ class ProviderMapping:
             return cached[1]
         routes = self._look_up(model, token)
         with self._lock:
-            self._cache[model] = (now + self._settings.hf_mapping_ttl_seconds, routes)
+            self._cache[model] = (now + self._ttl_seconds, routes)
         return routes
 
     def _look_up(self, model: str, token: str) -> tuple[tuple[str, str], ...]:
-        url = f"{self._settings.hf_hub_url}/api/models/{quote(model, safe='/')}"
+        url = f"{self._hub_url}/api/models/{quote(model, safe='/')}"
         try:
             response = self._session.get(
                 url,

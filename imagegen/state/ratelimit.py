@@ -16,17 +16,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from imagegen.errors import ImageGenError
+from imagegen.errors import RateLimited
 from imagegen.state.base import RateDecision
 
 MAX_TRACKED_CALLERS = 10_000
-
-
-class RateLimited(ImageGenError):
-    status = 429
-    code = "rate_limited"
-    # The refusing bucket, for the RateLimit headers of the 429 (None if raised elsewhere).
-    decision: RateDecision | None = None
 
 
 def rate_limited(per_minute: float, burst: float, decision: RateDecision) -> RateLimited:

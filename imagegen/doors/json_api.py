@@ -1,0 +1,161 @@
+"""The function's own JSON API: `POST {"prompt": ...}` -> `{"success": true, "imageUrl": ...}`,
+or the same answer as Server-Sent Events when the caller asks for `text/event-stream`."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import flask
+import pybase64
+
+from imagegen.auth import Authenticator, client_ip
+from imagegen.catalog import Catalog
+from imagegen.errors import ImageGenError
+from imagegen.events import ProgressSink
+from imagegen.http import AccessLog, Endpoint, error_payload, note_error, read_body, response
+from imagegen.record import RequestRecord
+from imagegen.service import Admission, GenerationService, Produced
+from imagegen import streaming
+from imagegen.streaming import CLIENT_CLOSED, EVENT_STREAM, GenerationStream, Outcome, disconnect_probe, wants_event_stream
+from imagegen.validation import check_content_type, parse_generation_request
+
+# Raw bytes per base64 piece of an answer: a multiple of 3, so pieces join cleanly, and small
+# enough (64 KiB of base64) for malloc to reuse heap memory rather than map fresh pages for
+# every piece.
+BASE64_PIECE = 3 * 16 * 1024
+
+
+class JsonApi:
+    def __init__(
+        self,
+        service: GenerationService,
+        authenticator: Authenticator,
+        catalog: Catalog,
+        access_log: AccessLog,
+        *,
+        max_prompt_chars: int,
+        trusted_proxy_hops: int,
+    ) -> None:
+        self._service = service
+        self._authenticator = authenticator
+        self._catalog = catalog
+        self._log = access_log
+        self._max_prompt_chars = max_prompt_chars
+        self._hops = trusted_proxy_hops
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint(
+            ("POST",), self.generate, "Use POST with a JSON body to generate an image (got {method}).", allow="POST, OPTIONS"
+        )
+
+    def generate(self, request: flask.Request, record: RequestRecord) -> flask.Response:
+        ip = client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, self._hops)
+        caller = self._authenticator.authenticate(request.headers, ip)
+        record.fields["caller"] = caller.key
+        with record.phase("validate"):
+            check_content_type(request.headers.get("Content-Type"))
+            generation = parse_generation_request(read_body(request), self._catalog, self._max_prompt_chars)
+        admission = self._service.admit(generation, caller.key, record)
+        if wants_event_stream(request.accept_mimetypes):
+            return self._stream(request, admission, record)
+        body, length = success_body(self._service.produce(admission))
+        return response(200, body, {"Content-Type": "application/json", "Content-Length": str(length)})
+
+    def _stream(self, request: flask.Request, admission: Admission, record: RequestRecord) -> flask.Response:
+        """Server-Sent Events (imagegen.streaming): the work on its own thread, its progress
+        as events, then the same answer as JSON in one `result` or `error` event."""
+        facts = self._log.facts(request)
+        record.fields["stream"] = True
+
+        def work(progress: ProgressSink, cancelled: threading.Event) -> Produced:
+            try:
+                return self._service.produce(admission, progress, cancelled)
+            except ImageGenError as error:
+                note_error(record, error)
+                raise
+            except Exception:
+                raise self._log.unexpected(facts.method, facts.path, record) from None
+
+        def finished(outcome: Outcome) -> None:
+            if outcome.status == CLIENT_CLOSED:
+                record.fields["code"] = "cancelled"
+                record.fields["clientClosed"] = True
+            self._log.write(lambda: facts, outcome.status, outcome.bytes_sent, record)
+
+        stream = GenerationStream(
+            record.request_id,
+            work,
+            success_body,
+            error_payload,
+            oversized_result,
+            client_gone=disconnect_probe(request.environ),
+            on_finish=finished,
+        )
+        return response(200, stream.body(), {"Content-Type": EVENT_STREAM, "X-Accel-Buffering": "no"})
+
+
+def answer_fields(produced: Produced) -> dict[str, Any]:
+    """The answer's fields besides the image, in the order the API documents them."""
+    width, height = produced.size
+    facts = produced.facts()
+    fields: dict[str, Any] = {
+        "filePath": produced.file_path,
+        "backend": facts["backend"],
+        "model": facts["model"],
+        "provider": facts["provider"],
+        "seed": facts["seed"],
+        "width": width,
+        "height": height,
+        "cached": facts["cached"],
+        "ignored": facts["ignored"],
+    }
+    if "warning" in facts:
+        fields["warning"] = facts["warning"]
+    return fields
+
+
+def success_body(produced: Produced) -> tuple[Iterator[bytes], int]:
+    """The success JSON as pieces and its length, the image's base64 made piece by piece.
+
+    The image is megabytes: as one string its base64 and then the joined answer would each be
+    another copy per request in flight. Base64 needs no JSON escaping, so it is spliced in.
+    """
+    head = b'{"success": true, "imageUrl": "data:image/png;base64,'
+    tail = b'", ' + json.dumps(answer_fields(produced), ensure_ascii=False)[1:].encode()  # '"filePath": ..., ...}'
+    png = produced.png
+    length = len(head) + 4 * ((len(png) + 2) // 3) + len(tail)
+
+    def pieces() -> Iterator[bytes]:
+        yield head
+        # The PNG's small head is topped up from the body to a multiple of 3 bytes, so only
+        # the very last piece can carry base64 padding.
+        cut = -len(png.head) % 3
+        yield pybase64.b64encode(png.head + png.body[:cut].tobytes())
+        body = png.body[cut:]
+        for start in range(0, len(body), BASE64_PIECE):
+            yield pybase64.b64encode(body[start : start + BASE64_PIECE])
+        yield tail
+
+    return pieces(), length
+
+
+def oversized_result(produced: Produced, length: int) -> dict[str, Any]:
+    """The streamed `result` when the image would carry the stream past Cloud Run's cap: the
+    same object with `imageUrl: null` and a warning saying where the image is and how to get it."""
+    fields = answer_fields(produced)
+    where = (
+        f"It is stored as {produced.file_path}; ask again without 'Accept: text/event-stream' to receive it"
+        if produced.file_path
+        else "Ask again without 'Accept: text/event-stream' to receive it"
+    )
+    if produced.seed is not None:
+        where += f" (with seed {produced.seed} it is served from the cache)"
+    note = (
+        f"The image ({length / 1_000_000:.1f} MB as base64) is too large for a streamed answer, "
+        f"which Cloud Run ends at {streaming.MAX_STREAM_BYTES / 1_000_000:g} MB. {where}."
+    )
+    fields["warning"] = f"{fields['warning']} {note}" if fields.get("warning") else note
+    return {"success": True, "imageUrl": None, **fields}
