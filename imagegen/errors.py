@@ -80,7 +80,7 @@ class ConfigurationError(ImageGenError):
 
 
 class UpstreamError(ImageGenError):
-    """A backend (an image API, a Hugging Face provider, the local model) failed; the code says how.
+    """A backend (an image API, a router's inference provider, the local model) failed; the code says how.
 
     `retryable` and `fail_over` tell the client what may help: the same provider again after
     a wait (`retry_after` seconds when the server said), or the next route: another provider
@@ -101,7 +101,7 @@ class UpstreamError(ImageGenError):
         retryable: bool = False,
         fail_over: bool = False,
     ) -> None:
-        # Retry-After is whole seconds; hints like OpenAI's retry-after-ms come as fractions.
+        # Retry-After is whole seconds; hints like a retry-after-ms header come as fractions.
         headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
         super().__init__(message, code=code, headers=headers)
         self.upstream_status = upstream_status

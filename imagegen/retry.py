@@ -1,8 +1,8 @@
 """When and how long to wait before trying an upstream again.
 
 Policy as named constants and one function per decision, honouring what the server says
-(`Retry-After` in seconds or as an HTTP date, a 503's `estimated_time`, OpenAI's
-`retry-after-ms`, Gemini's `RetryInfo.retryDelay`, Replicate's `retry_after`), all of it
+(`Retry-After` in seconds or as an HTTP date, a 503's `estimated_time`, a `retry-after-ms`
+header, a Google API error's `RetryInfo.retryDelay`, a JSON body's `retry_after`), all of it
 untrusted text: parsed by bounded patterns and clamped. The clock, the
 sleep and the randomness are passed in, so tests drive retry timing with a fake clock.
 """
@@ -68,14 +68,14 @@ def server_delay_seconds(retry_after: str | None, body: bytes, now: datetime | N
     return None
 
 
-def openai_retry_after_ms(value: str | None) -> float | None:
-    """Seconds from OpenAI's `retry-after-ms` header ("1500", "250.5"), or None for junk."""
+def retry_after_ms(value: str | None) -> float | None:
+    """Seconds from a `retry-after-ms` header ("1500", "250.5"), or None for junk."""
     if not value or not _MILLISECONDS.fullmatch(value := value.strip()):
         return None
     return _clamp_seconds(float(value) / 1000)
 
 
-def gemini_retry_delay(body: bytes) -> float | None:
+def retry_info_delay(body: bytes) -> float | None:
     """Seconds from a Google API error's `google.rpc.RetryInfo` detail ("retryDelay": "26s").
 
     The body is `{"error": {"code", "message", "status", "details": [{"@type":
@@ -95,8 +95,8 @@ def gemini_retry_delay(body: bytes) -> float | None:
     return None
 
 
-def replicate_retry_after(body: bytes) -> float | None:
-    """Seconds from a Replicate 429 body's `retry_after` (a number of seconds), or None."""
+def body_retry_after(body: bytes) -> float | None:
+    """Seconds from a 429 JSON body's `retry_after` (a number of seconds), or None."""
     value = (_json_object(body) or {}).get("retry_after")
     if isinstance(value, str) and _DECIMAL_SECONDS.fullmatch(value.strip()):
         value = float(value)

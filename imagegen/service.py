@@ -243,7 +243,7 @@ class GenerationService:
             model=png_text(png, "model") or "",
             provider=png_text(png, "provider"),
         )
-        # The seed the backend reports using (Stability maps 0 to another) wins over the request's.
+        # The seed the backend reports using (one maps 0 to another) wins over the request's.
         stored_seed = png_text(png, "seed")
         if stored_seed and stored_seed.isascii() and stored_seed.isdigit() and len(stored_seed) <= 10:
             seed = int(stored_seed)

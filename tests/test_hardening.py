@@ -132,9 +132,9 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st 
 
 from imagegen.retry import (  # noqa: E402
     MAX_SERVER_DELAY_SECONDS,
-    gemini_retry_delay,
-    openai_retry_after_ms,
-    replicate_retry_after,
+    retry_info_delay,
+    retry_after_ms,
+    body_retry_after,
     server_delay_seconds,
 )
 
@@ -160,12 +160,12 @@ def test_retry_after_junk_never_raises(header, body, expected):
     assert server_delay_seconds(header, body) == expected
 
 
-def test_openai_retry_after_ms():
-    assert openai_retry_after_ms("1500") == 1.5
-    assert openai_retry_after_ms(" 250.5 ") == 0.2505
-    assert openai_retry_after_ms("9" * 13) == MAX_SERVER_DELAY_SECONDS
+def test_retry_after_ms():
+    assert retry_after_ms("1500") == 1.5
+    assert retry_after_ms(" 250.5 ") == 0.2505
+    assert retry_after_ms("9" * 13) == MAX_SERVER_DELAY_SECONDS
     for junk in (None, "", "-5", "1e3", "NaN", "inf", "²", "1,5", "9" * 5000, "1500ms"):
-        assert openai_retry_after_ms(junk) is None, junk
+        assert retry_after_ms(junk) is None, junk
 
 
 def gemini_body(*details) -> bytes:
@@ -175,11 +175,11 @@ def gemini_body(*details) -> bytes:
 RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 
 
-def test_gemini_retry_delay():
-    assert gemini_retry_delay(gemini_body({"@type": RETRY_INFO, "retryDelay": "26s"})) == 26
+def test_retry_info_delay():
+    assert retry_info_delay(gemini_body({"@type": RETRY_INFO, "retryDelay": "26s"})) == 26
     other = {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": []}
-    assert gemini_retry_delay(gemini_body(other, {"@type": RETRY_INFO, "retryDelay": "1.5s"})) == 1.5
-    assert gemini_retry_delay(gemini_body({"@type": RETRY_INFO, "retryDelay": "99999999999s"})) == MAX_SERVER_DELAY_SECONDS
+    assert retry_info_delay(gemini_body(other, {"@type": RETRY_INFO, "retryDelay": "1.5s"})) == 1.5
+    assert retry_info_delay(gemini_body({"@type": RETRY_INFO, "retryDelay": "99999999999s"})) == MAX_SERVER_DELAY_SECONDS
     for junk in (
         b"", b"not json", b"[]", b'{"error": "x"}', b'{"error": {"details": {}}}', b"[" * 100_000,
         gemini_body({"@type": RETRY_INFO, "retryDelay": "26"}),
@@ -191,25 +191,25 @@ def test_gemini_retry_delay():
         gemini_body({"retryDelay": "26s"}),
         gemini_body("26s", None, 3),
     ):
-        assert gemini_retry_delay(junk) is None, junk[:80]
+        assert retry_info_delay(junk) is None, junk[:80]
 
 
-def test_replicate_retry_after():
-    assert replicate_retry_after(b'{"title": "Too Many Requests", "status": 429, "retry_after": 7}') == 7
-    assert replicate_retry_after(b'{"retry_after": 2.5}') == 2.5
-    assert replicate_retry_after(b'{"retry_after": "3"}') == 3
-    assert replicate_retry_after(b'{"retry_after": ' + b"9" * 4000 + b"}") == MAX_SERVER_DELAY_SECONDS
-    assert replicate_retry_after(b'{"retry_after": -4}') == 0
+def test_body_retry_after():
+    assert body_retry_after(b'{"title": "Too Many Requests", "status": 429, "retry_after": 7}') == 7
+    assert body_retry_after(b'{"retry_after": 2.5}') == 2.5
+    assert body_retry_after(b'{"retry_after": "3"}') == 3
+    assert body_retry_after(b'{"retry_after": ' + b"9" * 4000 + b"}") == MAX_SERVER_DELAY_SECONDS
+    assert body_retry_after(b'{"retry_after": -4}') == 0
     for junk in (b"", b"[1]", b'{"retry_after": true}', b'{"retry_after": NaN}', b'{"retry_after": "soon"}',
                  b'{"retry_after": null}', b"[" * 100_000, b'{"retry_after": "\xb2"}'):
-        assert replicate_retry_after(junk) is None, junk[:80]
+        assert body_retry_after(junk) is None, junk[:80]
 
 
 @hypothesis_settings(max_examples=300, deadline=None)
 @given(header=st.one_of(st.none(), st.text(max_size=200)), body=st.binary(max_size=200))
 def test_no_delay_hint_ever_raises_or_exceeds_the_ceiling(header, body):
-    for delay in (server_delay_seconds(header, body), openai_retry_after_ms(header),
-                  gemini_retry_delay(body), replicate_retry_after(body)):
+    for delay in (server_delay_seconds(header, body), retry_after_ms(header),
+                  retry_info_delay(body), body_retry_after(body)):
         assert delay is None or 0 <= delay <= MAX_SERVER_DELAY_SECONDS
 
 

@@ -37,7 +37,7 @@ from imagegen.config import BackendSettings, Settings
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import ContentRejected, UpstreamError
 from imagegen.images import NotAnImage, ensure_png
-from imagegen.retry import gemini_retry_delay, server_delay_seconds
+from imagegen.retry import retry_info_delay, server_delay_seconds
 
 # Every Gemini image model takes these (ImageConfig.aspect_ratio in the API reference).
 ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
@@ -150,7 +150,7 @@ def classify(status: int, body: Any) -> str | None:
 
 def retry_delay(headers: Mapping[str, str], body: bytes) -> int | None:
     """Google's hint: the RetryInfo detail's retryDelay ("26s"), else a Retry-After header."""
-    delay = gemini_retry_delay(body)
+    delay = retry_info_delay(body)
     if delay is None:
         return server_delay_seconds(headers.get("Retry-After"), b"")
     return math.ceil(delay)

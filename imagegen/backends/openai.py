@@ -31,7 +31,7 @@ from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import ConfigurationError, UpstreamError
 from imagegen.identity import account_fingerprint
 from imagegen.images import NotAnImage, ensure_png
-from imagegen.retry import openai_retry_after_ms, server_delay_seconds
+from imagegen.retry import retry_after_ms, server_delay_seconds
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Every GPT image model takes these; the gpt-image-1 generation takes nothing else.
@@ -89,7 +89,7 @@ def _message(body: Any) -> str:
 
 def _retry_delay(headers: Mapping[str, str], body: bytes) -> float | None:
     """`retry-after-ms` first, then `retry-after`, as OpenAI's own SDK reads them."""
-    delay = openai_retry_after_ms(headers.get("retry-after-ms"))
+    delay = retry_after_ms(headers.get("retry-after-ms"))
     return delay if delay is not None else server_delay_seconds(headers.get("retry-after"), b"")
 
 

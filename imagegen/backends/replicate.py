@@ -41,7 +41,7 @@ from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import Cancelled, ConfigurationError, ContentRejected, UpstreamError, UpstreamTimeout
 from imagegen.identity import account_fingerprint
 from imagegen.images import NotAnImage, ensure_png
-from imagegen.retry import replicate_retry_after, server_delay_seconds
+from imagegen.retry import body_retry_after, server_delay_seconds
 
 DEFAULT_BASE_URL = "https://api.replicate.com"
 # Replicate holds a `Prefer: wait` request at most this long.
@@ -214,7 +214,7 @@ def _classify(status: int, body: Any) -> str | None:
 
 def _retry_delay(headers: Mapping[str, str], body: bytes) -> int | None:
     # The body's `retry_after` is Replicate's own word; Retry-After is the same in a header.
-    delay = replicate_retry_after(body)
+    delay = body_retry_after(body)
     if delay is None:
         delay = server_delay_seconds(headers.get("Retry-After"), b"")
     return None if delay is None else math.ceil(delay)
