@@ -68,7 +68,9 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
     """The handler for these settings, every part built here unless `parts` brings it."""
     timing = parts.timing or Timing()
     logger = parts.logger or get_logger()
-    dispatcher = parts.dispatcher or Dispatcher(create_backends(settings, new_session()), settings.max_retries)
+    dispatcher = parts.dispatcher or Dispatcher(
+        create_backends(settings, new_session()), settings.max_retries, settings.failover_on_refusal
+    )
     service = GenerationService(
         settings,
         dispatcher,

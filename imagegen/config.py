@@ -85,6 +85,8 @@ class Settings:
     log_format: str = "auto"  # json | text | auto (text on a terminal)
     gcp_project: str | None = None
     cache: bool = True
+    # A prompt one vendor refused is sent to the next backend only when this is on.
+    failover_on_refusal: bool = False
     # The enabled backends in failover order, and every backend's section (enabled or not).
     backends: tuple[str, ...] = ()
     backend_settings: Mapping[str, BackendSettings] = field(default_factory=dict, repr=False)
@@ -175,6 +177,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         log_format=parse_choice("LOG_FORMAT", get("LOG_FORMAT"), LOG_FORMATS, default="auto"),
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),
         cache=parse_boolean("CACHE", get("CACHE"), default=True),
+        failover_on_refusal=parse_boolean("FAILOVER_ON_REFUSAL", get("FAILOVER_ON_REFUSAL"), default=False),
         serve_page=parse_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
         max_prompt_chars=int(
             parse_number(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from imagegen.backends.base import Backend, GenerationContext, ignored_fields, providers_of
 from imagegen.domain import Attempt, GeneratedImage, GenerationRequest, Route
-from imagegen.errors import UpstreamError
+from imagegen.errors import ContentRejected, UpstreamError
 from imagegen.retry import MIN_ATTEMPT_SECONDS, backoff_delay
 
 
@@ -27,9 +27,11 @@ class Candidate:
 
 
 class Dispatcher:
-    def __init__(self, backends: Mapping[str, Backend], max_retries: int) -> None:
+    def __init__(self, backends: Mapping[str, Backend], max_retries: int, failover_on_refusal: bool = False) -> None:
         self._backends = dict(backends)  # in failover order
         self._max_retries = max_retries
+        # A refused prompt goes to no other vendor unless the owner says so (FAILOVER_ON_REFUSAL).
+        self._failover_on_refusal = failover_on_refusal
 
     @property
     def backends(self) -> Mapping[str, Backend]:
@@ -74,12 +76,19 @@ class Dispatcher:
                     return self._with_retries(candidate.backend, route, request, context, attempts)
                 except UpstreamError as error:
                     is_last = is_last_backend and position == len(routes) - 1
-                    if is_last or not error.fail_over or context.time_left() < MIN_ATTEMPT_SECONDS:
+                    if is_last or not self._fails_over(error) or context.time_left() < MIN_ATTEMPT_SECONDS:
                         raise _with_tried(error, tried)
                     tried.append(f"{route.provider or route.backend} ({error.reported_status or error.code})")
                     following = routes[position + 1].label if position + 1 < len(routes) else candidates[index + 1].backend.name
                     context.progress("failover", **{"from": route.label, "to": following})
         raise AssertionError("validation leaves at least one candidate with one route")
+
+    def _fails_over(self, error: UpstreamError) -> bool:
+        """Whether the next route may help. A refusal is a vendor's judgement of the prompt:
+        it goes to another vendor only when the owner allows it."""
+        if isinstance(error, ContentRejected):
+            return self._failover_on_refusal
+        return error.fail_over
 
     def _with_retries(
         self,

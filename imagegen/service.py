@@ -20,7 +20,7 @@ from imagegen.cache import cached_image_name
 from imagegen.config import Settings
 from imagegen.dispatch import Candidate, Dispatcher
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
-from imagegen.errors import Cancelled, StorageError, UpstreamError, UpstreamTimeout
+from imagegen.errors import Cancelled, StorageError, UpstreamTimeout
 from imagegen.events import ProgressSink, ignore_progress
 from imagegen.logs import prompt_fingerprint
 from imagegen.png_info import PngParts, embed_parameters, png_size, png_text
@@ -93,6 +93,7 @@ class Admission:
     record: RequestRecord
     hit: Produced | None = None  # answered from the cache: nothing left to make
     reservation: Reservation | None = None  # the unit of the daily budget it holds
+    looked_up: bool = True  # False: the cache is still to be asked (a stream's)
 
 
 class GenerationService:
@@ -114,11 +115,14 @@ class GenerationService:
         self._timing = timing or Timing()
         self._choose_seed = choose_seed
 
-    def admit(self, generation: GenerationRequest, caller: str, record: RequestRecord) -> Admission:
+    def admit(
+        self, generation: GenerationRequest, caller: str, record: RequestRecord, *, look_up_cache: bool = True
+    ) -> Admission:
         """Everything that can refuse a request before any work starts: no backend configured,
         the caller's rate, the daily budgets. A streamed answer calls this before its stream
-        begins, so these errors still answer with their own status; a cache hit is answered
-        here, spending nothing."""
+        begins, so these errors still answer with their own status. A cache hit is answered
+        here, spending nothing; a stream, which must say `accepted` at once, leaves the lookup
+        to `produce` (`look_up_cache=False`): there a hit gives its budget unit back."""
         self._settings.require_backends()
         record.fields.update(prompt_fingerprint(generation.prompt))
         if self._settings.log_prompts:
@@ -126,11 +130,9 @@ class GenerationService:
         candidates = self._dispatcher.candidates(generation)
         # Only a seed the caller chose makes a request a recipe worth caching.
         cache_names = self._cache_names(generation, candidates) if generation.seed is not None else []
-        if cache_names:
-            with record.phase("cache"):
-                hit = self._cached(cache_names, generation.seed)
+        if cache_names and look_up_cache:
+            hit = self._cached(cache_names, generation.seed, record)
             if hit is not None:
-                record.fields.update(hit.facts())
                 return Admission(generation, generation.seed, candidates, cache_names, record, hit=hit)
         # Counted only for requests that would reach a backend: the limits guard the spending.
         self._take_rate(caller, record)
@@ -140,17 +142,24 @@ class GenerationService:
             # Always send a seed, so that every answer's seed reproduces its image where it can.
             generation = dataclasses.replace(generation, seed=self._choose_seed())
         record.fields["seed"] = generation.seed
-        return Admission(generation, caller_seed, candidates, cache_names, record, reservation=reservation)
+        return Admission(
+            generation, caller_seed, candidates, cache_names, record, reservation=reservation, looked_up=look_up_cache
+        )
 
     def produce(
         self, admission: Admission, progress: ProgressSink = ignore_progress, cancelled: threading.Event | None = None
     ) -> Produced:
         """The image for an admitted request: from the cache, another identical request in
         flight, or the backends. `cancelled` set by the caller stops the work where it can.
-        A request that fails upstream or is cancelled gives its budget unit back, and so does
-        one answered with another request's image."""
+        A request that makes no image gives its budget unit back, whatever the error, and so
+        does one answered with another request's image."""
         if admission.hit is not None:
             return admission.hit
+        if not admission.looked_up and admission.cache_names:
+            hit = self._cached(admission.cache_names, admission.caller_seed, admission.record)
+            if hit is not None:
+                self._refund(admission)
+                return hit
         context = GenerationContext(
             deadline=self._timing.clock() + self._settings.deadline_seconds,
             timing=self._timing,
@@ -162,8 +171,8 @@ class GenerationService:
                 produced = self._produce_once(admission, context)
             else:
                 produced = self._produce(admission, context)
-        except (UpstreamError, Cancelled):
-            self._refund(admission)  # nothing was paid for: the unit goes back
+        except BaseException:
+            self._refund(admission)  # no image: the unit goes back
             raise
         if produced.cached:
             self._refund(admission)  # another request's image: this one cost nothing
@@ -216,20 +225,23 @@ class GenerationService:
         raise UpstreamTimeout("Identical requests in flight kept being cancelled by their callers. Try again.")
 
     def _cache_names(self, generation: GenerationRequest, candidates: list[Candidate]) -> list[tuple[str, str]]:
-        """(backend, stored name) for each candidate whose seeds reproduce, in order."""
+        """(backend, stored name) for each candidate whose seeds reproduce, in order; never a
+        placeholder's, which is neither stored nor shared."""
         if not self._settings.cache:
             return []
         return [
             (c.backend.name, cached_image_name(generation, c.backend.identity(), c.model))
             for c in candidates
-            if c.backend.capabilities(c.model).seed
+            if (capabilities := c.backend.capabilities(c.model)).seed and not capabilities.placeholder
         ]
 
-    def _cached(self, cache_names: list[tuple[str, str]], seed: int | None) -> Produced | None:
-        for backend, name in cache_names:
-            hit = self._load(name, backend, seed)
-            if hit is not None:
-                return hit
+    def _cached(self, cache_names: list[tuple[str, str]], seed: int | None, record: RequestRecord) -> Produced | None:
+        with record.phase("cache"):
+            for backend, name in cache_names:
+                hit = self._load(name, backend, seed)
+                if hit is not None:
+                    record.fields.update(hit.facts())
+                    return hit
         return None
 
     def _load(self, name: str, backend: str, seed: int | None) -> Produced | None:

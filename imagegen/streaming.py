@@ -72,13 +72,17 @@ def encode_event(name: str, data: Mapping[str, Any]) -> bytes:
 KEEPALIVE = b": keep-alive\n\n"
 
 
+def NEVER_GONE() -> bool:  # noqa: N802 - a constant: the probe where nothing can be watched
+    return False
+
+
 def disconnect_probe(environ: Mapping[str, Any]) -> Callable[[], bool]:
     """A check whether the caller has closed its connection, where the server hands us the
     socket (gunicorn, werkzeug's dev server); elsewhere it never says so and a failed write
     is what tells. Peeking reads nothing: a pipelined request stays for the server."""
     sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
     if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
-        return lambda: False
+        return NEVER_GONE
 
     def gone() -> bool:
         try:

@@ -39,7 +39,7 @@ class BackendsClient:
 
     def __init__(self, settings: Settings, session: requests.Session | None = None, timing: Timing | None = None) -> None:
         self.backends = create_backends(settings, session or new_session())
-        self.dispatcher = Dispatcher(self.backends, settings.max_retries)
+        self.dispatcher = Dispatcher(self.backends, settings.max_retries, settings.failover_on_refusal)
         self.timing = timing or Timing()
         self.settings = settings
         self.events: list[tuple[str, dict]] = []  # every progress event, in order

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flask
@@ -13,13 +13,21 @@ import pybase64
 
 from imagegen.auth import Authenticator, client_ip
 from imagegen.catalog import Catalog
-from imagegen.errors import ImageGenError
+from imagegen.errors import Cancelled, ImageGenError
 from imagegen.events import ProgressSink
 from imagegen.http import AccessLog, Endpoint, error_payload, note_error, read_body, response
 from imagegen.record import RequestRecord
 from imagegen.service import Admission, GenerationService, Produced
 from imagegen import streaming
-from imagegen.streaming import CLIENT_CLOSED, EVENT_STREAM, GenerationStream, Outcome, disconnect_probe, wants_event_stream
+from imagegen.streaming import (
+    CLIENT_CLOSED,
+    EVENT_STREAM,
+    NEVER_GONE,
+    GenerationStream,
+    Outcome,
+    disconnect_probe,
+    wants_event_stream,
+)
 from imagegen.validation import check_content_type, parse_generation_request
 
 # Raw bytes per base64 piece of an answer: a multiple of 3, so pieces join cleanly, and small
@@ -58,10 +66,12 @@ class JsonApi:
         with record.phase("validate"):
             check_content_type(request.headers.get("Content-Type"))
             generation = parse_generation_request(read_body(request), self._catalog, self._max_prompt_chars)
-        admission = self._service.admit(generation, caller.key, record)
         if wants_event_stream(request.accept_mimetypes):
-            return self._stream(request, admission, record)
-        body, length = success_body(self._service.produce(admission))
+            # The cache is asked inside the stream, after `accepted`: a slow store must not
+            # keep a stream silent.
+            return self._stream(request, self._service.admit(generation, caller.key, record, look_up_cache=False), record)
+        admission = self._service.admit(generation, caller.key, record)
+        body, length = success_body(produce_watching(self._service, admission, disconnect_probe(request.environ)))
         return response(200, body, {"Content-Type": "application/json", "Content-Length": str(length)})
 
     def _stream(self, request: flask.Request, admission: Admission, record: RequestRecord) -> flask.Response:
@@ -95,6 +105,30 @@ class JsonApi:
             on_finish=finished,
         )
         return response(200, stream.body(), {"Content-Type": EVENT_STREAM, "X-Accel-Buffering": "no"})
+
+
+def produce_watching(service: GenerationService, admission: Admission, client_gone: Callable[[], bool]) -> Produced:
+    """The image for a plain (not streamed) request, cancelled when its caller goes away, as a
+    stream's is: a caller that gave up must not keep holding a queue place, a slot or the
+    local model. Where the server gives no socket to watch, nothing watches."""
+    if client_gone is NEVER_GONE:
+        return service.produce(admission)
+    cancelled, finished = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(streaming.DISCONNECT_PROBE_SECONDS):
+            if client_gone():
+                cancelled.set()
+                return
+
+    threading.Thread(target=watch, name="imagegen-watch", daemon=True).start()
+    try:
+        return service.produce(admission, cancelled=cancelled)
+    except Cancelled:
+        admission.record.fields["clientClosed"] = True
+        raise
+    finally:
+        finished.set()
 
 
 def answer_fields(produced: Produced) -> dict[str, Any]:

@@ -50,15 +50,16 @@
     $("credential-field").hidden = false;
     $("credential-label").textContent = config.authMode === "api-key" ? "API key" : "ID token";
   }
-  // The pickers list what /capabilities.json says this server offers (describeServer).
-  const choices = { models: [], providers: [] };
   restoreHistory();
   describeServer();
 
+  // A picker only where there is a choice; its first entry leaves the choice to the server
+  // (its default and failover order), and only a choice the user made is sent.
   function fillChoice(name, values, preferred) {
     if (values.length < 2) return;
     const select = $(name);
-    for (const value of values) select.add(new Option(value, value, false, value === preferred));
+    select.add(new Option(`Server's choice (${preferred})`, "", true, true));
+    for (const value of values) select.add(new Option(value, value));
     $(`${name}-field`).hidden = false;
   }
 
@@ -80,10 +81,10 @@
       generateButton.setAttribute("aria-describedby", "notice");
       return;
     }
-    choices.models = [...new Set(capabilities.backends.flatMap((b) => b.models))];
-    choices.providers = capabilities.providers || [];
-    fillChoice("model", choices.models, capabilities.backends[0].defaultModel);
-    fillChoice("provider", choices.providers, choices.providers[0]);
+    // The pickers list what this server offers.
+    const providers = capabilities.providers || [];
+    fillChoice("model", [...new Set(capabilities.backends.flatMap((b) => b.models))], capabilities.backends[0].defaultModel);
+    fillChoice("provider", providers, providers[0]);
     const names = capabilities.backends.map((b) => `${b.name} (${b.defaultModel}${b.placeholder ? ", placeholders only" : ""})`);
     const server = $("server");
     server.textContent = `This server uses ${names.join(", then ")}.`;
@@ -118,8 +119,8 @@
     if (text("steps")) body.steps = Number(text("steps"));
     if (text("guidance")) body.guidanceScale = Number(text("guidance"));
     if (text("seed")) body.seed = Number(text("seed"));
-    if (choices.models.length > 1) body.model = $("model").value;
-    if (choices.providers.length > 1) body.provider = $("provider").value;
+    if ($("model").value) body.model = $("model").value;
+    if ($("provider").value) body.provider = $("provider").value;
     return body;
   }
 

@@ -1,0 +1,75 @@
+"""The dispatcher's choices between backends, with backends made here (no HTTP): what fails
+over and what does not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from imagegen.backends.base import Capabilities, GenerationContext
+from imagegen.dispatch import Dispatcher
+from imagegen.domain import GeneratedImage, GenerationRequest, Route
+from imagegen.errors import ContentRejected, UpstreamError
+
+
+@dataclass
+class ScriptedBackend:
+    """A backend that answers each try with the next of `answers`: an error to raise, or a PNG."""
+
+    name: str
+    answers: list = field(default_factory=list)
+    default_model: str = "m"
+    allowed_models: tuple[str, ...] = ("m",)
+    tries: int = 0
+
+    def identity(self) -> str:
+        return self.name
+
+    def capabilities(self, model: str) -> Capabilities:
+        return Capabilities()
+
+    def routes(self, request, model, context) -> list[Route]:
+        return [Route(self.name, model)]
+
+    def generate(self, route, request, context) -> GeneratedImage:
+        self.tries += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return GeneratedImage(png=answer, route=route, seed=1)
+
+
+def dispatch(dispatcher: Dispatcher, request: GenerationRequest) -> GeneratedImage:
+    context = GenerationContext(deadline=float("inf"))
+    return dispatcher.generate(request, dispatcher.candidates(request), context)
+
+
+def refusal() -> ContentRejected:
+    return ContentRejected("The prompt was refused by the vendor's safety system.")
+
+
+def test_a_refusal_is_not_sent_to_another_vendor_by_default():
+    first, second = ScriptedBackend("first", [refusal()]), ScriptedBackend("second", [b"png"])
+    with pytest.raises(ContentRejected):
+        dispatch(Dispatcher({"first": first, "second": second}, max_retries=0), GenerationRequest(prompt="p"))
+    assert second.tries == 0
+
+
+def test_a_refusal_fails_over_when_the_owner_allows_it():
+    first, second = ScriptedBackend("first", [refusal()]), ScriptedBackend("second", [b"png"])
+    dispatcher = Dispatcher({"first": first, "second": second}, max_retries=0, failover_on_refusal=True)
+    assert dispatch(dispatcher, GenerationRequest(prompt="p")).route.backend == "second"
+
+
+def test_an_error_that_says_fail_over_does_so_whatever_the_refusal_setting():
+    broken = UpstreamError("bad answer", code="upstream_bad_response", fail_over=True)
+    first, second = ScriptedBackend("first", [broken]), ScriptedBackend("second", [b"png"])
+    assert dispatch(Dispatcher({"first": first, "second": second}, max_retries=0), GenerationRequest(prompt="p")).png == b"png"
+
+
+def test_the_setting_is_read_from_failover_on_refusal():
+    from imagegen.config import load_settings
+
+    assert load_settings({}).failover_on_refusal is False
+    assert load_settings({"FAILOVER_ON_REFUSAL": "true"}).failover_on_refusal is True
