@@ -1,5 +1,7 @@
 """Upstream answers are untrusted input: every malformed answer from every backend is a 502
-bad answer that fails over (never a 500), and odd error bodies keep the error their status says.
+bad answer that fails over (never a 500); odd error bodies keep the error their status says;
+refusals go by allow-list (known success, any refusal spelling 422, anything else 502); and a
+key quoted by upstream is scrubbed before the quote is cut.
 
 Unit tests against `responses`, through the registry and dispatcher as the function builds them.
 """
@@ -12,6 +14,8 @@ import json
 import pytest
 import responses
 
+from imagegen.backends import openai as openai_backend
+from imagegen.backends.vendor import MAX_UPSTREAM_MESSAGE_CHARS, CallContext, error_for_status
 from imagegen.domain import GenerationRequest
 from imagegen.errors import UpstreamError
 from tests.clients import BackendsClient
@@ -232,3 +236,139 @@ def test_deep_json_from_the_hub(mocked, client_for, make_settings):
     mocked.post(f"{ROUTER}{HF_PROVIDERS['hf-inference']}", body=make_png(8, 8), content_type="image/png")
     with pytest.raises(UpstreamError):
         client_for("huggingface", HF_PROVIDER="fal-ai", HF_ALLOWED_PROVIDERS="fal-ai").generate(FOX)
+
+
+# --- refusals by allow-list --------------------------------------------------------------------
+
+
+def gemini_answer(reason, image: bool = True, text: str | None = None) -> dict:
+    parts = ([{"text": text}] if text else []) + ([{"inlineData": {"mimeType": "image/png", "data": PNG_B64}}] if image else [])
+    candidate = {"content": {"role": "model", "parts": parts}, "index": 0}
+    if reason is not None:
+        candidate["finishReason"] = reason
+    return {"candidates": [candidate]}
+
+
+@pytest.mark.parametrize("reason", ["STOP", None])
+def test_gemini_success_is_stop_or_no_reason_with_an_image(mocked, client_for, reason):
+    mocked.post(GEMINI_URL, json=gemini_answer(reason))
+    assert client_for("gemini").generate(FOX).png.startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("reason", [
+    "image_safety", "Image-Safety", "IMAGE_SAFETY_V2", "PROHIBITED_CONTENT_IMAGE", "safety", "blocked", "IMAGE_OTHER",
+])
+def test_gemini_any_refusal_spelling_with_an_image_is_content_rejected(mocked, client_for, reason):
+    mocked.post(GEMINI_URL, json=gemini_answer(reason))
+    with pytest.raises(UpstreamError) as caught:
+        client_for("gemini").generate(FOX)
+    assert (caught.value.status, caught.value.code, caught.value.fail_over) == (422, "content_rejected", False)
+
+
+@pytest.mark.parametrize("reason", ["MAX_TOKENS", "OTHER", "FINISH_REASON_UNSPECIFIED", "SOMETHING_NEW", "", 7, {"a": 1}])
+def test_gemini_an_unknown_reason_with_an_image_is_a_bad_answer_never_a_200(mocked, client_for, reason):
+    mocked.post(GEMINI_URL, json=gemini_answer(reason))
+    bad_answer(client_for("gemini"))
+
+
+def test_gemini_stop_without_image_or_text_is_a_bad_answer(mocked, client_for):
+    mocked.post(GEMINI_URL, json=gemini_answer("STOP", image=False))
+    bad_answer(client_for("gemini"))
+
+
+def stability_image(reason: str | None) -> dict:
+    headers = {"seed": "5"} if reason is None else {"finish-reason": reason, "seed": "5"}
+    return {"body": make_png(8, 8), "content_type": "image/png", "headers": headers}
+
+
+@pytest.mark.parametrize("reason", ["CONTENT_FILTERED", "content_filtered", "Content-Filtered", "CONTENT_MODERATED", "NSFW"])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_stability_any_filter_spelling_is_content_rejected(mocked, client_for, reason, as_json):
+    if as_json:
+        mocked.post(STABILITY_URL, json={"image": PNG_B64, "finish_reason": reason, "seed": 5})
+    else:
+        mocked.post(STABILITY_URL, **stability_image(reason))
+    with pytest.raises(UpstreamError) as caught:
+        client_for("stability").generate(FOX)
+    assert (caught.value.status, caught.value.code, caught.value.fail_over) == (422, "content_rejected", False)
+
+
+def test_stability_a_refusal_without_its_image_is_still_a_refusal(mocked, client_for):
+    mocked.post(STABILITY_URL, json={"finish_reason": "content_filtered"})
+    with pytest.raises(UpstreamError) as caught:
+        client_for("stability").generate(FOX)
+    assert caught.value.code == "content_rejected"
+
+
+@pytest.mark.parametrize("reason", ["ERROR", "PARTIAL", "", None])
+def test_stability_anything_but_success_is_a_bad_answer(mocked, client_for, reason):
+    mocked.post(STABILITY_URL, **stability_image(reason))
+    bad_answer(client_for("stability"))
+
+
+@pytest.mark.parametrize("reason", ["SUCCESS", "success"])
+def test_stability_success(mocked, client_for, reason):
+    mocked.post(STABILITY_URL, **stability_image(reason))
+    assert client_for("stability").generate(FOX).seed == 5
+
+
+# --- a key at the cut: scrubbed before the message is cut ----------------------------------------
+
+
+# One of each format the scrubber knows; none contains "x", the filler.
+KEYS = {
+    "hugging face": "hf_" + "AbCdEfGhIjKlMnOpQrStUvWyZ0123456789",
+    "openai": "sk-proj-" + "Q7b9KmZ2" * 6,
+    "stability": "sk-" + "R4nD0mStab1l1tyK3yAbCdEfGhIjKlMnOp",
+    "replicate": "r8_" + "Zy9Wv8Ut7Sr6Qp5On4Ml3Kj2Ih1Gf0EdCbA",
+    "gemini": "AIza" + "SyB3nT4uV5wY6zA7bC8dE9fG0hI1jK2lM3n",
+    "google oauth": "ya29." + "a0AfB_byC" + "D3eF4gH5iJ6kL7mN8oP9qR0sT1uV2wY3zA4bC5dE6fG7hI8jK9lM0nO1pQ2",
+}
+CUT = MAX_UPSTREAM_MESSAGE_CHARS
+
+
+def echo(offset: int, key: str) -> str:
+    """Upstream text that quotes `key` at `offset`, after a space as vendors write it."""
+    return "x" * (offset - 1) + " " + key + " and more text after it"
+
+
+def leaked(key: str, text: str, run: int = 6) -> list[str]:
+    """Runs of `run` characters of the key (after its prefix) that appear in `text`."""
+    body = key[4:]
+    return [body[i : i + run] for i in range(len(body) - run + 1) if body[i : i + run] in text]
+
+
+@pytest.mark.parametrize("kind", list(KEYS))
+@pytest.mark.parametrize("known", [False, True], ids=["by-shape", "the-secret"])
+def test_a_key_at_every_offset_around_the_cut_never_leaks(kind, known):
+    key = KEYS[kind]
+    for offset in range(CUT - len(key) - 5, CUT + 5):
+        message = echo(offset, key) * 3
+        for body in (json.dumps({"error": {"message": message}}).encode(), message.encode()):
+            call = CallContext(openai_backend.VENDOR, "openai", "gpt-image-2", key if known else None)
+            error = error_for_status(400, {}, body, call)
+            assert leaked(key, error.message) == [], (offset, error.message)
+
+
+@pytest.mark.parametrize("kind", list(KEYS))
+def test_a_key_at_the_cut_of_a_failed_prediction_never_leaks(mocked, client_for, kind):
+    key = KEYS[kind]
+    for offset in (CUT - len(key) // 2 - 3, CUT - 10, CUT - 4):
+        mocked.reset()
+        mocked.post(REPLICATE_URL, json={"id": "abc", "status": "failed", "error": echo(offset, key)})
+        with pytest.raises(UpstreamError) as caught:
+            client_for("replicate").generate(FOX)
+        assert caught.value.code == "generation_failed" and leaked(key, caught.value.message) == [], (offset, caught.value.message)
+
+
+@pytest.mark.parametrize("kind", list(KEYS))
+def test_a_key_at_the_cut_of_geminis_words_never_leaks(mocked, client_for, kind):
+    key = KEYS[kind]
+    for offset in range(200 - len(key), 200 + 2, 3):
+        answer = gemini_answer("SAFETY", image=False, text=echo(offset, key))
+        answer["candidates"][0]["finishMessage"] = echo(offset, key)
+        mocked.reset()
+        mocked.post(GEMINI_URL, json=answer)
+        with pytest.raises(UpstreamError) as caught:
+            client_for("gemini").generate(FOX)
+        assert caught.value.code == "content_rejected" and leaked(key, caught.value.message) == [], (offset, caught.value.message)
