@@ -270,7 +270,11 @@ def build_handler(environ: Mapping[str, str]) -> Handler:
     except ConfigurationError as error:
         get_logger().error("Invalid configuration: %s", error.message)
         settings = error
-    return Handler(settings)
+    try:
+        return Handler(settings)
+    except ConfigurationError as error:  # a backend's own option, refused when the backend is built
+        get_logger().error("Invalid configuration: %s", error.message)
+        return Handler(error)
 
 
 def _read_body(request: flask.Request) -> bytes:
