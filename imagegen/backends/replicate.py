@@ -47,7 +47,7 @@ from imagegen.backends.toolkit import (
 from imagegen.backends.vendor import CONTENT_REJECTED, MODEL_NOT_AVAILABLE, CallContext, Vendor
 from imagegen.config import BackendSettings, Settings, base_url_is_loopback
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
-from imagegen.errors import Cancelled, ContentRejected, UpstreamError, UpstreamTimeout
+from imagegen.errors import ContentRejected, UpstreamError, UpstreamTimeout
 from imagegen.identity import account_fingerprint
 from imagegen.images import ensure_png
 from imagegen.retry import replicate_retry_after, server_delay_seconds
