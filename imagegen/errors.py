@@ -136,6 +136,14 @@ class BackendBusy(UpstreamError):
     code = "backend_busy"
 
 
+class BadAnswer(UpstreamError):
+    """A backend answered success without a usable image: a body of the wrong shape, JSON
+    nested too deeply, image data that is not an image. Another route may do better."""
+
+    status = 502
+    code = "upstream_bad_response"
+
+
 class ServerBusy(ImageGenError):
     """This instance could not take the image in (its memory slots stayed full); not upstream's fault."""
 

@@ -201,11 +201,7 @@ def test_a_slow_prediction_is_polled_with_progress(client_for, replicate, clock)
     polls = [r for r in replicate.requests if r.method == "GET" and r.path.startswith("/v1/predictions/")]
     assert len(polls) == 3 and all(r.header("Authorization") == f"Bearer {TOKEN}" for r in polls)
     progress = [fields for event, fields in client.events if event == "progress"]
-    assert progress == [
-        {"status": "processing", "percent": 75},
-        {"status": "processing", "percent": 75},
-        {"status": "processing", "percent": 75},
-    ]
+    assert progress == [{"step": 3, "steps": 4, "fraction": 0.75}] * 3  # the documented shape, from "3/4"
     assert clock.sleeps == [0.5, 0.75, 1.125]  # 0.5 s, slowing towards 2 s
     assert image_size(image.png) == (64, 64)
 
@@ -222,7 +218,7 @@ def test_a_running_prediction_with_a_foreign_poll_url_is_not_followed(client_for
 
 
 def test_the_caller_going_away_cancels_the_prediction(client_for, replicate):
-    replicate.reply(fake_replicate.never_finish())
+    replicate.reply(fake_replicate.never_finish(logs=" 50%|█████     | 2/4\n"))
     client = client_for()
     client.progress = lambda event, **fields: client.cancelled.set() if event == "progress" else None
     with pytest.raises(Cancelled):
@@ -240,7 +236,7 @@ def test_the_deadline_passing_while_polling_cancels_and_times_out(client_for, re
     assert "DEADLINE_SECONDS=6" in error.message and "canceled" in error.message
     assert replicate.canceled == list(replicate.predictions)
     assert sum(clock.sleeps) <= 6
-    assert {"status": "processing", "percent": 50} in [f for e, f in client.events if e == "progress"]
+    assert {"step": 2, "steps": 4, "fraction": 0.5} in [f for e, f in client.events if e == "progress"]
 
 
 def test_the_wait_is_bounded_by_the_time_left(client_for, replicate):

@@ -10,10 +10,12 @@ answer says `backend: "demo"` with a warning that the image is a placeholder.
 from __future__ import annotations
 
 import io
+import math
 import textwrap
 
 from imagegen.backends.base import Capabilities, GenerationContext
 from imagegen.backends.sizes import requested_shape
+from imagegen.backends.toolkit import Progress, report_progress
 from imagegen.config import BackendSettings, Settings
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import ConfigurationError
@@ -31,13 +33,7 @@ class DemoBackend:
     def __init__(self, section: BackendSettings) -> None:
         self.default_model = section.model
         self.allowed_models = section.allowed_models
-        raw = section.options.get("DEMO_STEP_SECONDS")
-        self._step_seconds = _step_seconds(raw)
-        # A bad value answers every request with a 500 that names it, like any other setting.
-        self._invalid = None if self._step_seconds is not None else ConfigurationError(
-            f"Environment variable DEMO_STEP_SECONDS is invalid: expected a number from 0 to {MAX_STEP_SECONDS:g}, got {raw!r}.",
-            code="invalid_configuration",
-        )
+        self._step_seconds = parse_step_seconds(section.options.get("DEMO_STEP_SECONDS"))
 
     def identity(self) -> str:
         return "demo"
@@ -46,26 +42,31 @@ class DemoBackend:
         return Capabilities(negative_prompt=False, steps=False, guidance=False, seed=False, placeholder=True)
 
     def routes(self, request: GenerationRequest, model: str, context: GenerationContext) -> list[Route]:
-        if self._invalid is not None:
-            raise self._invalid
         return [Route(backend=self.name, model=model)]
 
     def generate(self, route: Route, request: GenerationRequest, context: GenerationContext) -> GeneratedImage:
         for step in range(1, DEMO_STEPS + 1):
-            context.wait(self._step_seconds or 0.0)  # raises Cancelled as soon as the caller leaves
-            context.progress("progress", step=step, steps=DEMO_STEPS, fraction=round(step / DEMO_STEPS, 3))
+            context.wait(self._step_seconds)  # raises Cancelled as soon as the caller leaves
+            report_progress(context, Progress(step, DEMO_STEPS))
         width, height = requested_shape(request.width, request.height) or (DEFAULT_SIDE, DEFAULT_SIDE)
         return GeneratedImage(png=placeholder_png(width, height, request.prompt), route=route, seed=None)
 
 
-def _step_seconds(raw: str | None) -> float | None:
+def parse_step_seconds(raw: str | None) -> float:
+    """DEMO_STEP_SECONDS, read once when the backend is built; a bad value is refused there."""
     if raw is None:
         return DEFAULT_STEP_SECONDS
     try:
         value = float(raw)
     except ValueError:
-        return None
-    return value if 0 <= value <= MAX_STEP_SECONDS else None
+        value = math.nan
+    if not 0 <= value <= MAX_STEP_SECONDS:
+        raise ConfigurationError(
+            f"Environment variable DEMO_STEP_SECONDS is invalid: expected a number from 0 to {MAX_STEP_SECONDS:g}, "
+            f"got {raw[:32]!r}.",
+            code="invalid_configuration",
+        )
+    return value
 
 
 def placeholder_png(width: int, height: int, prompt: str) -> bytes:

@@ -12,10 +12,10 @@ import requests
 from imagegen.backends.base import GenerationContext
 from imagegen.backends.exchange import HttpExchange
 from imagegen.backends.google_genai import GenerateContentBackend, classify, message_of, model_path, retry_delay
+from imagegen.backends.toolkit import require_key
 from imagegen.backends.vendor import CallContext, Vendor
 from imagegen.config import BackendSettings, Settings
 from imagegen.domain import Route
-from imagegen.errors import ConfigurationError
 from imagegen.identity import account_fingerprint
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
@@ -50,6 +50,7 @@ class GeminiBackend(GenerateContentBackend):
 
     def __init__(self, settings: Settings, section: BackendSettings, session: requests.Session) -> None:
         super().__init__(settings, section, HttpExchange(session, settings.timeout_seconds, settings.deadline_seconds))
+        self._section = section
         self._key = section.api_key
         self._base_url = (section.base_url or DEFAULT_BASE_URL).rstrip("/")
 
@@ -66,12 +67,7 @@ class GeminiBackend(GenerateContentBackend):
         return call, url, {"x-goog-api-key": key}
 
     def _require_key(self) -> str:
-        if not self._key:
-            raise ConfigurationError(
-                f"The server has no Gemini API key: set GEMINI_API_KEY to a key from {KEY_URL}.",
-                code="missing_api_key",
-            )
-        return self._key
+        return require_key(self._section, variable="GEMINI_API_KEY", what="Gemini API key", how=f"a key from {KEY_URL}")
 
 
 def create(settings: Settings, section: BackendSettings, session: requests.Session) -> GeminiBackend:

@@ -12,31 +12,27 @@ Vertex AI v1 discovery document): see docs/backend-gemini.md.
 
 from __future__ import annotations
 
-import binascii
 import math
 import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-import pybase64
-
 from imagegen.backends.base import Capabilities, GenerationContext
 from imagegen.backends.exchange import HttpExchange
 from imagegen.backends.sizes import nearest_aspect_ratio, requested_shape
+from imagegen.backends.toolkit import Unusable, b64_image, json_object, reading_answer
 from imagegen.backends.vendor import (
     CREDITS,
     MODEL_NOT_AVAILABLE,
     RATE_LIMITED,
     UNAUTHORIZED,
     CallContext,
-    clip,
-    parse_json,
 )
 from imagegen.config import BackendSettings, Settings
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import ContentRejected, UpstreamError
-from imagegen.images import NotAnImage, ensure_png
+from imagegen.images import ensure_png
 from imagegen.retry import retry_info_delay, server_delay_seconds
 
 # Every Gemini image model takes these (ImageConfig.aspect_ratio in the API reference).
@@ -52,12 +48,19 @@ IMAGE_SIZES = (("1K", 1024), ("2K", 2048), ("4K", 4096))
 # guaranteed", so the answer's seed is null and these images are never cached.
 CAPABILITIES = Capabilities(negative_prompt=False, steps=False, guidance=False, seed=False)
 
+# Success is what is known to be success: finishReason STOP, or no finishReason on a candidate
+# that carries an image (the API leaves it out of some answers). Anything else is a refusal
+# (422, never failed over) or, when it is not one, a bad answer (502): never a 200.
+SUCCESS_REASON = "STOP"
 # finishReason values that mean the model would not make (or show) the image. With one of
 # these a candidate is refused even if it carries an image: a filtered image is never returned.
 REFUSAL_REASONS = frozenset({
     "SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "MODEL_ARMOR", "LANGUAGE",
     "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "IMAGE_OTHER", "NO_IMAGE",
 })
+# A value outside that list, or spelled otherwise ("image_safety", "IMAGE_SAFETY_V2"), that
+# still says refusal: treated as one, so a refused prompt never goes on to the next vendor.
+_REFUSAL_WORDS = re.compile(r"SAFETY|PROHIBIT|BLOCK|RECITATION|SPII|ARMOR|CSAM|POLICY|FILTER|NO_IMAGE|IMAGE_OTHER")
 MAX_MODEL_TEXT_CHARS = 200
 
 # A 429 that waiting a minute will not cure: no free quota for the model ("limit: 0"), a daily
@@ -164,53 +167,53 @@ def message_of(body: Any) -> str:
 # -- the answer --------------------------------------------------------------------------------
 
 
-class BadAnswer(ValueError):
-    """A 200 without a readable image or refusal; the message says what it held."""
-
-
 def read_image(body: bytes, call: CallContext) -> bytes:
-    """The PNG from a generateContent answer; ContentRejected for every refusal shape."""
-    answer = parse_json(body)
-    if not isinstance(answer, dict):
-        raise BadAnswer("an answer that is not a JSON object")
+    """The PNG from a generateContent answer; ContentRejected for every refusal shape, Unusable
+    (or a shape error) for anything else that is not an image. Call within `reading_answer`."""
+    answer = json_object(body)
     if isinstance(answer.get("responseId"), str):
         call.note_request_id(answer["responseId"])
-    feedback = answer.get("promptFeedback") if isinstance(answer.get("promptFeedback"), dict) else {}
+    feedback = answer.get("promptFeedback") or {}
     if feedback.get("blockReason"):
-        said = _said(feedback.get("blockReasonMessage"))
+        said = _said(call, feedback.get("blockReasonMessage"))
         raise _refused(call, f"blocked the prompt (blockReason {_word(feedback['blockReason'])}{said})")
     candidates = answer.get("candidates")
-    if not isinstance(candidates, list) or not candidates or not isinstance(candidates[0], dict):
-        raise BadAnswer("an answer without candidates")
+    if not isinstance(candidates, list) or not candidates:
+        raise Unusable("an answer without candidates")
     candidate = candidates[0]
-    reason = _word(candidate.get("finishReason")) if candidate.get("finishReason") else None
-    content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
+    raw_reason = candidate.get("finishReason")
+    if raw_reason is not None and not isinstance(raw_reason, str):
+        raise Unusable("a finishReason that is not a word")
+    reason = _word(raw_reason) if raw_reason is not None else None
+    content = candidate.get("content") or {}
     parts = [part for part in content.get("parts") or [] if isinstance(part, dict) and not part.get("thought")]
-    images = [part["inlineData"] for part in parts if isinstance(part.get("inlineData"), dict)]
+    images = [part["inlineData"] for part in parts if part.get("inlineData") is not None]
     text = " ".join(part["text"] for part in parts if isinstance(part.get("text"), str)).strip()
-    model_said = f'; the model said: "{clip(text, MAX_MODEL_TEXT_CHARS)}"' if text else ""
-    if reason in REFUSAL_REASONS:
-        said = _said(candidate.get("finishMessage"))
-        raise _refused(call, f"refused to make the image (finishReason {reason}{said}{model_said})")
+    model_said = f'; the model said: "{call.quote(text, MAX_MODEL_TEXT_CHARS)}"' if text else ""
+    if reason is not None and reason != SUCCESS_REASON:
+        if reason in REFUSAL_REASONS or _REFUSAL_WORDS.search(reason):
+            said = _said(call, candidate.get("finishMessage"))
+            raise _refused(call, f"refused to make the image (finishReason {reason}{said}{model_said})")
+        raise Unusable(f"finishReason {reason}")
     if not images:
-        finished = f"finishReason {reason}" if reason else "no finishReason"
-        raise _refused(call, f"answered without an image ({finished}{model_said})")
-    data = images[-1].get("data")  # the last image is the final one
-    if not isinstance(data, str):
-        raise BadAnswer("an image part without data")
-    try:
-        return ensure_png(pybase64.b64decode(data, validate=True))
-    except (binascii.Error, ValueError) as error:  # NotAnImage is a ValueError
-        raise BadAnswer(str(error) if isinstance(error, NotAnImage) else "image data that is not base64") from None
+        if text:  # the model answered in words only: it declined to draw
+            finished = f"finishReason {reason}" if reason else "no finishReason"
+            raise _refused(call, f"answered without an image ({finished}{model_said})")
+        raise Unusable("a candidate without an image or text")
+    # The last image is the final one.
+    return ensure_png(b64_image(images[-1]["data"], "inlineData.data"))
 
 
 def _word(value: Any) -> str:
-    """An enum value from the answer, safe to quote: letters, digits and underscores only."""
-    return re.sub(r"[^A-Z0-9_]", "", str(value).upper())[:40] or "UNKNOWN"
+    """An enum value from the answer, safe to quote and compare: upper case, any run of other
+    characters than letters and digits one underscore ("image-safety" is IMAGE_SAFETY)."""
+    if not isinstance(value, str):
+        return "UNKNOWN"
+    return re.sub(r"[^A-Z0-9]+", "_", value[:80].upper()).strip("_")[:40] or "UNKNOWN"
 
 
-def _said(message: Any) -> str:
-    return f": {clip(message, MAX_MODEL_TEXT_CHARS)}" if isinstance(message, str) and message.strip() else ""
+def _said(call: CallContext, message: Any) -> str:
+    return f": {call.quote(message, MAX_MODEL_TEXT_CHARS)}" if isinstance(message, str) and message.strip() else ""
 
 
 def _refused(call: CallContext, what: str) -> UpstreamError:
@@ -243,16 +246,8 @@ class GenerateContentBackend:
     def generate(self, route: Route, request: GenerationRequest, context: GenerationContext) -> GeneratedImage:
         call, url, headers = self._prepare(route, context)
         answer = self._send(url, call, context, headers, request_body(request, route.model))
-        try:
+        with reading_answer(call):
             png = read_image(answer.body, call)
-        except BadAnswer as error:
-            raise call.error(
-                UpstreamError,
-                f"{call.vendor.name} answered without a usable image (got {error}). Try again; if it persists, "
-                "try another model",
-                code="upstream_bad_response",
-                fail_over=True,
-            ) from None
         return GeneratedImage(png=png, route=route, seed=None, request_id=call.request_id)
 
     def _send(self, url: str, call: CallContext, context: GenerationContext, headers: dict[str, str], body: dict):

@@ -14,23 +14,22 @@ API's default, `auto`, lets the model pick the shape that suits the prompt.
 
 from __future__ import annotations
 
-import binascii
 import re
 from collections.abc import Mapping
 from typing import Any
 
-import pybase64
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
 from imagegen.backends.exchange import HttpExchange
 from imagegen.backends.sizes import free_size, nearest_size, requested_shape
-from imagegen.backends.vendor import CONTENT_REJECTED, CREDITS, MODEL_NOT_AVAILABLE, CallContext, Vendor, parse_json
+from imagegen.backends.toolkit import first_b64_image, json_object, reading_answer, require_key
+from imagegen.backends.vendor import CONTENT_REJECTED, CREDITS, MODEL_NOT_AVAILABLE, CallContext, Vendor
 from imagegen.config import BackendSettings, Settings
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import ConfigurationError, UpstreamError
 from imagegen.identity import account_fingerprint
-from imagegen.images import NotAnImage, ensure_png
+from imagegen.images import ensure_png
 from imagegen.retry import retry_after_ms, server_delay_seconds
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -136,11 +135,11 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, settings: Settings, section: BackendSettings, session: requests.Session) -> None:
+        self._section = section
         self._key = section.api_key
         self._base_url = (section.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._exchange = HttpExchange(session, settings.timeout_seconds, settings.deadline_seconds)
-        quality = section.options.get("OPENAI_QUALITY")
-        self._quality = quality.strip().lower() if quality else None
+        self._quality = parse_quality(section.options.get("OPENAI_QUALITY"))
         self.default_model = section.model
         self.allowed_models = section.allowed_models
 
@@ -182,56 +181,34 @@ class OpenAIBackend:
                     code="upstream_unauthorized",
                 ) from None
             raise
-        try:
-            png = ensure_png(_image_bytes(answer.body))
-        except (BadAnswer, NotAnImage) as error:
-            raise call.error(
-                UpstreamError,
-                f"OpenAI answered without a usable image (got {error}). Try again; if it persists, try another model",
-                code="upstream_bad_response",
-                fail_over=True,
-            ) from None
+        with reading_answer(call):
+            png = ensure_png(first_b64_image(json_object(answer.body)))
         return GeneratedImage(png=png, route=route, seed=None, request_id=call.request_id)
 
     def _check_configuration(self, model: str) -> str:
         """The key, once the settings are known to be usable. Checked per request rather than
         at start-up, so that the function starts and every answer says what to fix."""
-        if not self._key:
-            raise ConfigurationError(
-                "The server has no OpenAI API key: set OPENAI_API_KEY to a key from https://platform.openai.com/api-keys.",
-                code="missing_api_key",
-            )
+        key = require_key(
+            self._section, variable="OPENAI_API_KEY", what="OpenAI API key", how="a key from https://platform.openai.com/api-keys"
+        )
         if _RETIRED.fullmatch(model):
             raise ConfigurationError(
                 f"OpenAI has shut down the model {model} (gpt-image-1 on 2026-10-23, DALL·E 2 and 3 in May 2026): "
                 "set OPENAI_MODEL (and OPENAI_ALLOWED_MODELS) to a current GPT image model such as gpt-image-2.",
                 code="invalid_configuration",
             )
-        if self._quality is not None and not _QUALITY.fullmatch(self._quality):
-            raise ConfigurationError(
-                f"Environment variable OPENAI_QUALITY is invalid: expected low, medium, high or auto, got {self._quality[:32]!r}.",
-                code="invalid_configuration",
-            )
-        return self._key
+        return key
 
 
-class BadAnswer(ValueError):
-    """A 200 answer without the image where OpenAI puts it; the message says what came."""
-
-
-def _image_bytes(body: bytes) -> bytes:
-    answer = parse_json(body)
-    if answer is None:
-        raise BadAnswer("a body that is not JSON")
-    data = answer.get("data") if isinstance(answer, dict) else None
-    first = data[0] if isinstance(data, list) and data else None
-    encoded = first.get("b64_json") if isinstance(first, dict) else None
-    if not isinstance(encoded, str) or not encoded:
-        raise BadAnswer("JSON without data[0].b64_json")
-    try:
-        return pybase64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadAnswer("data[0].b64_json that is not base64") from None
+def parse_quality(raw: str | None) -> str | None:
+    """OPENAI_QUALITY, read once when the backend is built: None (the API's `auto`) or a word."""
+    quality = raw.strip().lower() if raw else None
+    if quality is not None and not _QUALITY.fullmatch(quality):
+        raise ConfigurationError(
+            f"Environment variable OPENAI_QUALITY is invalid: expected low, medium, high or auto, got {quality[:32]!r}.",
+            code="invalid_configuration",
+        )
+    return quality
 
 
 def create(settings: Settings, section: BackendSettings, session: requests.Session) -> OpenAIBackend:

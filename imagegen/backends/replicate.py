@@ -33,14 +33,23 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.backends.exchange import BadDownload, HttpExchange
+from imagegen.backends.exchange import HttpExchange
 from imagegen.backends.sizes import free_size, nearest_aspect_ratio, requested_shape
-from imagegen.backends.vendor import CONTENT_REJECTED, MODEL_NOT_AVAILABLE, CallContext, Vendor, clip, parse_json
+from imagegen.backends.toolkit import (
+    PollSchedule,
+    Progress,
+    Unusable,
+    json_object,
+    poll_until,
+    reading_answer,
+    require_key,
+)
+from imagegen.backends.vendor import CONTENT_REJECTED, MODEL_NOT_AVAILABLE, CallContext, Vendor
 from imagegen.config import BackendSettings, Settings, base_url_is_loopback
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
-from imagegen.errors import Cancelled, ConfigurationError, ContentRejected, UpstreamError, UpstreamTimeout
+from imagegen.errors import ContentRejected, UpstreamError, UpstreamTimeout
 from imagegen.identity import account_fingerprint
-from imagegen.images import NotAnImage, ensure_png
+from imagegen.images import ensure_png
 from imagegen.retry import body_retry_after, server_delay_seconds
 
 DEFAULT_BASE_URL = "https://api.replicate.com"
@@ -50,7 +59,8 @@ MAX_WAIT_SECONDS = 60
 # running comes back with its id (which we can poll or cancel) rather than as a timeout.
 WAIT_MARGIN_SECONDS = 2
 # Replicate's clients poll every 0.5 s; we start there and slow down to 2 s for long runs.
-FIRST_POLL_SECONDS, MAX_POLL_SECONDS, POLL_GROWTH = 0.5, 2.0, 1.5
+POLLING = PollSchedule(first=0.5, longest=2.0, growth=1.5)
+RUNNING = ("starting", "processing")
 # Cancelling is a courtesy to the account's bill: it must never hold the answer up long.
 CANCEL_TIMEOUT_SECONDS = 3.0
 # A backstop for when this process dies mid-prediction (Replicate's `Cancel-After`).
@@ -63,7 +73,8 @@ _SAFETY = re.compile(
     r"nsfw|flagged as sensitive|\(E005\)|content polic|safety (?:checker|filter|system)|content moderation",
     re.IGNORECASE,
 )
-_PERCENT = re.compile(r"(\d{1,3})%\|")
+# A tqdm bar as flux prints it: " 75%|███████▌  | 3/4 [00:01<00:00]"; the count may be missing.
+_BAR = re.compile(r"(?P<percent>\d{1,3})%\|(?:[^|\r\n]{0,200}\|\s*(?P<step>\d{1,9})/(?P<steps>\d{1,9}))?")
 _PREDICTION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -236,15 +247,12 @@ VENDOR = Vendor(
 # --- the backend ----------------------------------------------------------------------------
 
 
-class BadPrediction(ValueError):
-    """A prediction without what it must carry; the message says what came."""
-
-
 class ReplicateBackend:
     name = "replicate"
 
     def __init__(self, settings: Settings, section: BackendSettings, session: requests.Session) -> None:
         self._settings = settings
+        self._section = section
         self._token = section.api_key
         self._base_url = (section.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._origin = _origin(self._base_url)
@@ -278,20 +286,13 @@ class ReplicateBackend:
             "Cancel-After": f"{max(MIN_CANCEL_AFTER_SECONDS, math.ceil(context.time_left()))}s",
         }
         answer = self._exchange.send("POST", url, call, context, headers=headers, json=body)
-        try:
+        with reading_answer(call):
             prediction = _prediction(answer.body)
-            call.note_request_id(prediction.get("id") if isinstance(prediction.get("id"), str) else None)
-            if prediction.get("status") in ("starting", "processing"):
+            call.note_request_id(prediction["id"])
+            if prediction.get("status") in RUNNING:
                 prediction = self._poll(prediction, call, context, token)
             output_url = self._finished(prediction, call)
             png = ensure_png(self._exchange.download(output_url, call, context, allow_loopback=self._loopback))
-        except (BadPrediction, NotAnImage, BadDownload) as error:
-            raise call.error(
-                UpstreamError,
-                f"Replicate answered without a usable image (got {error}). Try again; if it persists, try another model",
-                code="upstream_bad_response",
-                fail_over=True,
-            ) from None
         return GeneratedImage(png=png, route=route, seed=request.seed, ignored=dropped, request_id=call.request_id)
 
     # -- one prediction --------------------------------------------------------------------------
@@ -313,30 +314,36 @@ class ReplicateBackend:
         Leaving early for any reason (the caller gone, the deadline, a failed poll) cancels it:
         a retry would start a new prediction, and nobody would collect this one.
         """
-        urls = prediction.get("urls") if isinstance(prediction.get("urls"), dict) else {}
+        urls = prediction.get("urls")
+        urls = urls if isinstance(urls, dict) else {}
         poll_url = urls.get("get")
         if not isinstance(poll_url, str) or _origin(poll_url) != self._origin:
             self._cancel(urls, token)
-            raise BadPrediction("a running prediction whose urls.get is not on the API's host")
-        interval = FIRST_POLL_SECONDS
+            raise Unusable("a running prediction whose urls.get is not on the API's host")
+
+        def poll() -> dict:
+            return _prediction(self._exchange.send("GET", poll_url, call, context, headers=_auth(token)).body)
+
+        def too_late() -> UpstreamError:
+            return call.error(
+                UpstreamTimeout,
+                f"Replicate did not finish the image within the deadline (DEADLINE_SECONDS="
+                f"{self._settings.deadline_seconds:g}); the prediction was canceled so that it stops "
+                "costing credit. Try again in a minute, or raise DEADLINE_SECONDS for a slow model",
+                fail_over=True,
+            )
+
         try:
-            while True:
-                _report(prediction, context)
-                if context.time_left() < interval:
-                    raise call.error(
-                        UpstreamTimeout,
-                        f"Replicate did not finish the image within the deadline (DEADLINE_SECONDS="
-                        f"{self._settings.deadline_seconds:g}); the prediction was canceled so that it stops "
-                        "costing credit. Try again in a minute, or raise DEADLINE_SECONDS for a slow model",
-                        fail_over=True,
-                    )
-                context.wait(interval)
-                interval = min(MAX_POLL_SECONDS, interval * POLL_GROWTH)
-                answer = self._exchange.send("GET", poll_url, call, context, headers=_auth(token))
-                prediction = _prediction(answer.body)
-                if prediction.get("status") not in ("starting", "processing"):
-                    return prediction
-        except (Cancelled, UpstreamError, BadPrediction):
+            return poll_until(
+                prediction,
+                poll,
+                lambda state: state.get("status") not in RUNNING,
+                context,
+                POLLING,
+                too_late=too_late,
+                progress_of=progress_of,
+            )
+        except Exception:  # the caller gone, the deadline, a failed or unreadable poll
             self._cancel(urls, token)
             raise
 
@@ -358,10 +365,10 @@ class ReplicateBackend:
             if isinstance(output, list) and output:
                 output = output[0]
             if not isinstance(output, str):
-                raise BadPrediction('a succeeded prediction whose "output" is not an image URL')
+                raise Unusable('a succeeded prediction whose "output" is not an image URL')
             return output
         if status == "failed":
-            reason = call.scrub(clip(str(prediction.get("error") or "no reason given")))
+            reason = call.quote(str(prediction.get("error") or "no reason given"))
             if _SAFETY.search(reason):
                 raise call.error(ContentRejected, f"Replicate's safety checker refused this image: {reason}. Change the prompt and try again")
             raise call.error(
@@ -384,36 +391,37 @@ class ReplicateBackend:
                 retryable=True,
                 fail_over=True,
             )
-        raise BadPrediction(f"a prediction with status {clip(str(status), 40)!r}")
+        raise Unusable(f"a prediction with status {call.quote(str(status), 40)!r}")
 
     def _require_token(self) -> str:
-        if not self._token:
-            raise ConfigurationError(
-                "The server has no Replicate token: set REPLICATE_API_TOKEN to an API token from "
-                "https://replicate.com/account/api-tokens.",
-                code="missing_api_key",
-            )
-        return self._token
+        return require_key(
+            self._section,
+            variable="REPLICATE_API_TOKEN",
+            what="Replicate token",
+            how="an API token from https://replicate.com/account/api-tokens",
+        )
 
 
 def _prediction(body: bytes) -> dict:
-    prediction = parse_json(body)
-    if not isinstance(prediction, dict):
-        raise BadPrediction("an answer that is not a prediction (JSON object)")
+    prediction = json_object(body)
     if not isinstance(prediction.get("id"), str) or not _PREDICTION_ID.fullmatch(prediction["id"]):
-        raise BadPrediction("a prediction without an id")
+        raise Unusable("a prediction without an id")
     return prediction
 
 
-def _report(prediction: dict, context: GenerationContext) -> None:
-    """Tell the caller where the prediction stands, with the last "NN%|" of its logs."""
-    fields: dict[str, Any] = {"status": str(prediction.get("status"))[:20]}
+def progress_of(prediction: dict) -> Progress | None:
+    """Where the prediction stands, from the last tqdm bar in its logs: its "k/n" steps when
+    the bar has them, else its percentage as a step of 100. None when the logs do not say."""
     logs = prediction.get("logs")
-    if isinstance(logs, str):
-        percents = _PERCENT.findall(logs[-MAX_LOG_TAIL_CHARS:])
-        if percents:
-            fields["percent"] = min(100, int(percents[-1]))
-    context.progress("progress", **fields)
+    if not isinstance(logs, str):
+        return None
+    bars = list(_BAR.finditer(logs[-MAX_LOG_TAIL_CHARS:]))
+    if not bars:
+        return None
+    last = bars[-1]
+    if last.group("steps") and 0 <= int(last.group("step")) <= int(last.group("steps")) > 0:
+        return Progress(int(last.group("step")), int(last.group("steps")))
+    return Progress(min(100, int(last.group("percent"))), 100)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

@@ -16,8 +16,6 @@ Stability's aspect ratios. Seeds reproduce: Stability takes 1 to 4,294,967,294 a
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -27,12 +25,13 @@ import requests
 from imagegen.backends.base import Capabilities, GenerationContext
 from imagegen.backends.exchange import HttpExchange
 from imagegen.backends.sizes import nearest_aspect_ratio, requested_shape
-from imagegen.backends.vendor import CONTENT_REJECTED, CREDITS, MODEL_NOT_AVAILABLE, CallContext, Vendor, clip, parse_json
+from imagegen.backends.toolkit import Unusable, b64_image, json_object, reading_answer, require_key
+from imagegen.backends.vendor import CONTENT_REJECTED, CREDITS, MODEL_NOT_AVAILABLE, CallContext, Vendor
 from imagegen.config import BackendSettings, Settings
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
-from imagegen.errors import ConfigurationError, ContentRejected, UpstreamError
+from imagegen.errors import ConfigurationError, ContentRejected
 from imagegen.identity import account_fingerprint
-from imagegen.images import NotAnImage, ensure_png
+from imagegen.images import ensure_png
 
 DEFAULT_BASE_URL = "https://api.stability.ai"
 ASPECT_RATIOS = ("16:9", "1:1", "21:9", "2:3", "3:2", "4:5", "5:4", "9:16", "9:21")
@@ -42,6 +41,11 @@ MIN_CFG_SCALE, MAX_CFG_SCALE = 1.0, 10.0
 _SEED = re.compile(r"[0-9]{1,10}", re.ASCII)
 _SD3_MODEL = re.compile(r"sd3[A-Za-z0-9_.-]*")
 SERVICES = ("core", "ultra")
+# Success is what is known to be success: finish-reason SUCCESS. Any spelling of a filter
+# ("CONTENT_FILTERED", "content_filtered", "Content-Filtered") is a refusal that never fails
+# over; anything else (an unknown value, none at all) is a bad answer, never a 200.
+SUCCESS_REASON = "SUCCESS"
+_REFUSAL_WORDS = re.compile(r"FILTER|MODERAT|SAFETY|NSFW|BLOCK|CENSOR|REFUS")
 
 
 def _model_advice(call: CallContext) -> str:
@@ -92,6 +96,7 @@ class StabilityBackend:
     name = "stability"
 
     def __init__(self, settings: Settings, section: BackendSettings, session: requests.Session) -> None:
+        self._section = section
         self._key = section.api_key
         self._base_url = (section.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._exchange = HttpExchange(session, settings.timeout_seconds, settings.deadline_seconds)
@@ -137,36 +142,30 @@ class StabilityBackend:
             files={name: (None, value) for name, value in fields.items()},
             headers={"Authorization": f"Bearer {key}", "Accept": "image/*"},
         )
-        try:
+        with reading_answer(call):
             data, finish_reason, seed_text = _read_answer(answer.body, answer.headers)
-            if finish_reason == "CONTENT_FILTERED":
-                # The blurred image stops here: it is never converted, returned or stored.
-                raise call.error(
-                    ContentRejected,
-                    "Stability AI's safety system filtered the generated image (finish-reason CONTENT_FILTERED). "
-                    "Change the prompt and try again",
-                )
-            if finish_reason not in (None, "SUCCESS"):
-                raise BadAnswer(f"finish-reason {clip(call.scrub(finish_reason), 40)}")
+            reason = _word(finish_reason)
+            if reason != SUCCESS_REASON:
+                if _REFUSAL_WORDS.search(reason):
+                    # The blurred image stops here: it is never converted, returned or stored.
+                    raise call.error(
+                        ContentRejected,
+                        f"Stability AI's safety system filtered the generated image (finish-reason {reason}). "
+                        "Change the prompt and try again",
+                    )
+                raise Unusable(f"finish-reason {reason}" if finish_reason is not None else "no finish-reason")
             png = ensure_png(data)
-        except (BadAnswer, NotAnImage) as error:
-            raise call.error(
-                UpstreamError,
-                f"Stability AI answered without a usable image (got {error}). Try again; if it persists, try another model",
-                code="upstream_bad_response",
-                fail_over=True,
-            ) from None
         return GeneratedImage(png=png, route=route, seed=_used_seed(seed_text, sent_seed), request_id=call.request_id)
 
     def _check_configuration(self, model: str) -> tuple[str, str]:
         """The key and the endpoint, checked per request so that the function starts and every
         answer says what to fix."""
-        if not self._key:
-            raise ConfigurationError(
-                "The server has no Stability AI key: set STABILITY_API_KEY to a key from "
-                "https://platform.stability.ai/account/keys.",
-                code="missing_api_key",
-            )
+        key = require_key(
+            self._section,
+            variable="STABILITY_API_KEY",
+            what="Stability AI key",
+            how="a key from https://platform.stability.ai/account/keys",
+        )
         endpoint = endpoint_of(model)
         if endpoint is None:
             raise ConfigurationError(
@@ -174,11 +173,7 @@ class StabilityBackend:
                 "STABILITY_ALLOWED_MODELS) to core, ultra or an SD 3.5 model such as sd3.5-large.",
                 code="invalid_configuration",
             )
-        return self._key, endpoint
-
-
-class BadAnswer(ValueError):
-    """A 200 answer that is not the image it should be; the message says what came."""
+        return key, endpoint
 
 
 def _read_answer(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, str | None, str | None]:
@@ -187,15 +182,17 @@ def _read_answer(body: bytes, headers: Mapping[str, str]) -> tuple[bytes, str | 
     content_type = headers.get("Content-Type", "").lower()
     if not content_type.startswith("application/json"):
         return body, _header(headers, "finish-reason"), _header(headers, "seed")
-    answer = parse_json(body)
-    if not isinstance(answer, dict) or not isinstance(answer.get("image"), str):
-        raise BadAnswer("JSON without an image")
-    try:
-        data = base64.b64decode(answer["image"], validate=True)
-    except (binascii.Error, ValueError):
-        raise BadAnswer("an image that is not base64") from None
+    answer = json_object(body)
     reason, seed = answer.get("finish_reason"), answer.get("seed")
-    return data, reason if isinstance(reason, str) else None, str(seed) if isinstance(seed, int) else None
+    reason = reason if isinstance(reason, str) else None
+    # A refused image is never decoded: the refusal is what the caller hears.
+    data = b64_image(answer.get("image"), "image") if _word(reason) == SUCCESS_REASON else b""
+    return data, reason, str(seed) if isinstance(seed, int) else None
+
+
+def _word(value: str | None) -> str:
+    """A finish reason safe to quote and compare: upper case, other characters as underscores."""
+    return re.sub(r"[^A-Z0-9]+", "_", (value or "")[:80].upper()).strip("_")[:40] or "NONE"
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

@@ -20,6 +20,7 @@ from imagegen.retry import RETRYABLE_STATUSES, server_delay_seconds
 
 MAX_UPSTREAM_MESSAGE_CHARS = 300
 MAX_REQUEST_ID_CHARS = 128
+MAX_MESSAGE_PARTS = 10
 DEFAULT_RATE_LIMIT_RETRY_AFTER_SECONDS = 60
 # Error kinds a vendor's classifier may name, beyond what the status alone says.
 UNAUTHORIZED, CREDITS, RATE_LIMITED, CONTENT_REJECTED, MODEL_NOT_AVAILABLE = (
@@ -74,9 +75,14 @@ class CallContext:
     def scrub(self, text: str) -> str:
         return scrub(text, self.secret)
 
+    def quote(self, text: str, limit: int = MAX_UPSTREAM_MESSAGE_CHARS) -> str:
+        """Upstream text fit to repeat: scrubbed first, then cut, so that a key straddling the
+        cut is still whole when the scrubber looks for it."""
+        return clip(self.scrub(text), limit)
+
     def note_request_id(self, value: str | None) -> None:
         if value:
-            self.request_id = clip(self.scrub(value), MAX_REQUEST_ID_CHARS)
+            self.request_id = self.quote(value, MAX_REQUEST_ID_CHARS)
 
     def error(self, cls: type[UpstreamError], message: str, **kwargs: Any) -> UpstreamError:
         error = cls(
@@ -124,12 +130,13 @@ def common_message(answer: Any) -> str:
     if isinstance(error, str):
         parts.append(error)
     elif isinstance(error, list):
-        parts.extend(str(item) for item in error)
+        parts.extend(item for item in error[:MAX_MESSAGE_PARTS] if isinstance(item, str))
     elif isinstance(error, dict):
         parts.extend(str(error[key]) for key in ("message", "code") if isinstance(error.get(key), str))
     if isinstance(answer.get("error_description"), str):
         parts.append(answer["error_description"])
-    for item in answer.get("errors") or []:
+    errors = answer.get("errors")
+    for item in errors[:MAX_MESSAGE_PARTS] if isinstance(errors, list) else ():
         if isinstance(item, dict) and isinstance(item.get("message"), str):
             parts.append(item["message"])
         elif isinstance(item, str):
@@ -139,21 +146,31 @@ def common_message(answer: Any) -> str:
     return "; ".join(parts)
 
 
-def upstream_message(body: bytes, vendor: Vendor) -> str:
+def upstream_message(body: bytes, vendor: Vendor, secret: str | None = None) -> str:
+    """The human part of an error body: scrubbed of the credential, then cut to length."""
     answer = parse_json(body)
     if answer is None:
         text = body.decode("utf-8", "replace").strip()
-        return "" if text.lower().startswith(("<!doctype", "<html")) else clip(text)
-    return clip(vendor.message_of(answer) or common_message(answer))
+        return "" if text.lower().startswith(("<!doctype", "<html")) else clip(scrub(text, secret))
+    return clip(scrub(_tolerant("", vendor.message_of, answer) or common_message(answer), secret))
+
+
+def _tolerant(default: Any, read: Callable[..., Any], *args: Any) -> Any:
+    """A vendor's reader applied to an error body: a body of a shape the reader did not expect
+    says nothing more (`default`); it never turns the error into a 500."""
+    try:
+        return read(*args)
+    except (LookupError, TypeError, AttributeError, ValueError, RecursionError):
+        return default
 
 
 def error_for_status(status: int, headers: Mapping[str, str], body: bytes, context: CallContext) -> UpstreamError:
     """The error for a failed answer: by what the vendor's body says, else by its status."""
     vendor = context.vendor
     answer = parse_json(body)
-    detail = context.scrub(upstream_message(body, vendor))
+    detail = upstream_message(body, vendor, context.secret)
     said = f": {detail}" if detail else ""
-    kind = vendor.classify(status, answer)
+    kind = _tolerant(None, vendor.classify, status, answer)
     try:
         delay = vendor.retry_delay(headers, body)
     except Exception:  # a hint is a nicety; junk in it must never fail the request

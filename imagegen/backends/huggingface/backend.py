@@ -10,12 +10,11 @@ from __future__ import annotations
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.backends.exchange import BadDownload, HttpExchange
+from imagegen.backends.exchange import HttpExchange
 from imagegen.backends.huggingface.mapping import ProviderMapping
 from imagegen.backends.huggingface.providers import PROVIDERS
 from imagegen.backends.huggingface.providers.base import (
     Answer,
-    BadAnswer,
     ImageUrl,
     NotFinished,
     PendingTask,
@@ -23,18 +22,19 @@ from imagegen.backends.huggingface.providers.base import (
     Provider,
     TaskFailed,
 )
-from imagegen.backends.vendor import CallContext, Vendor, clip
+from imagegen.backends.toolkit import PollSchedule, Unusable, poll_until, reading_answer, require_key
+from imagegen.backends.vendor import CallContext, Vendor
 from imagegen.config import BackendSettings, Settings, base_url_is_loopback, check_http_url
 from imagegen.env_values import invalid_setting, parse_number
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
-from imagegen.errors import ConfigurationError, UpstreamError, UpstreamTimeout
+from imagegen.errors import UpstreamError, UpstreamTimeout
 from imagegen.identity import account_fingerprint
-from imagegen.images import NotAnImage, ensure_png
+from imagegen.images import ensure_png
 
-POLL_INTERVAL_SECONDS = 0.5
 # What HF_PROVIDER and a request's "provider" may name; "auto" asks the Hub which providers
 # serve the model and fails over between them.
 KNOWN_PROVIDERS = ("auto", *PROVIDERS)
+POLLING = PollSchedule(first=0.5)
 PROVIDER_MODELS_URL = "https://huggingface.co/models?pipeline_tag=text-to-image&inference_provider={provider}"
 
 
@@ -71,6 +71,7 @@ class HuggingFaceBackend:
 
     def __init__(self, settings: Settings, section: BackendSettings, session: requests.Session) -> None:
         options = section.options
+        self._section = section
         self._token = section.api_key
         assert section.base_url is not None  # the registry gives HF_ROUTER_URL a default
         self._router_url = section.base_url
@@ -111,26 +112,19 @@ class HuggingFaceBackend:
             "POST", upstream.url, call, context, json=upstream.json, headers={**upstream.headers, **_auth(token)}
         )
         try:
-            parsed = provider.read_answer(answer.body, answer.headers.get("Content-Type", "").lower())
-            if isinstance(parsed, PendingTask):
-                parsed = self._poll(provider, parsed, call, context, token)
-            if isinstance(parsed, ImageUrl):
-                data = self._exchange.download(parsed.url, call, context, allow_loopback=self._loopback)
-            else:
-                data = parsed.data
-            png = ensure_png(data)
-        except (BadAnswer, NotAnImage, BadDownload) as error:
-            raise call.error(
-                UpstreamError,
-                f"Hugging Face answered without a usable image (got {error}). Try again; if it "
-                "persists, try another model or provider",
-                code="upstream_bad_response",
-                fail_over=True,
-            ) from None
+            with reading_answer(call, advice="try another model or provider"):
+                parsed = provider.read_answer(answer.body, answer.headers.get("Content-Type", "").lower())
+                if isinstance(parsed, PendingTask):
+                    parsed = self._poll(provider, parsed, call, context, token)
+                if isinstance(parsed, ImageUrl):
+                    data = self._exchange.download(parsed.url, call, context, allow_loopback=self._loopback)
+                else:
+                    data = parsed.data
+                png = ensure_png(data)
         except TaskFailed as error:
             raise call.error(
                 UpstreamError,
-                f"The provider could not generate this image: {clip(str(error))}. Try another prompt or model",
+                f"The provider could not generate this image: {call.quote(str(error))}. Try another prompt or model",
                 code="generation_failed",
             ) from None
         except NotFinished:
@@ -143,26 +137,24 @@ class HuggingFaceBackend:
         self, provider: Provider, task: PendingTask, call: CallContext, context: GenerationContext, token: str
     ) -> Answer:
         if not hasattr(provider, "read_task"):
-            raise BadAnswer("a pending task from a provider that answers at once")
+            raise Unusable("a pending task from a provider that answers at once")
         polling: PollingProvider = provider  # type: ignore[assignment]
         url = f"{self._router_url}/{provider.name}{task.poll_path}"
-        while True:
-            if context.time_left() < POLL_INTERVAL_SECONDS:
-                raise self._exchange.timeout(call)
-            context.wait(POLL_INTERVAL_SECONDS)
-            answer = self._exchange.send("GET", url, call, context, headers=_auth(token))
-            parsed = polling.read_task(answer.body)
-            if parsed is not None:
-                return parsed
+
+        def poll() -> Answer | None:
+            return polling.read_task(self._exchange.send("GET", url, call, context, headers=_auth(token)).body)
+
+        done = poll_until(None, poll, lambda state: state is not None, context, POLLING, too_late=lambda: self._exchange.timeout(call))
+        assert done is not None
+        return done
 
     def _require_token(self) -> str:
-        if not self._token:
-            raise ConfigurationError(
-                "The server has no Hugging Face token: set HUGGING_FACE_API_KEY (or HF_TOKEN) "
-                "to a token with the 'Make calls to Inference Providers' permission.",
-                code="missing_api_key",
-            )
-        return self._token
+        return require_key(
+            self._section,
+            variable="HUGGING_FACE_API_KEY (or HF_TOKEN)",
+            what="Hugging Face token",
+            how="a token with the 'Make calls to Inference Providers' permission",
+        )
 
 
 def _provider(variable: str, raw: str) -> str:

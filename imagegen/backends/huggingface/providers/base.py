@@ -1,15 +1,13 @@
-"""The seam between building an upstream request and sending it, and the shapes of answers."""
+"""The seam between building an upstream request and sending it, and the shapes of answers.
+
+Reading an answer uses the backends' toolkit (imagegen.backends.toolkit): `json_object`,
+`first_b64_image`, `Unusable` for what a provider put where the image should be."""
 
 from __future__ import annotations
 
-import binascii
-import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import pybase64
-
-from imagegen.images import describe_non_image
 from imagegen.domain import GenerationRequest
 
 
@@ -44,10 +42,6 @@ class PendingTask:
 Answer = ImageBytes | ImageUrl | PendingTask
 
 
-class BadAnswer(ValueError):
-    """A 200 without an image where the provider puts one; the message says what came."""
-
-
 class TaskFailed(Exception):
     """The provider says the generation failed; the message is the provider's reason."""
 
@@ -61,7 +55,10 @@ class Provider(Protocol):
 
     def build(self, request: GenerationRequest, provider_model: str, router_url: str) -> UpstreamCall: ...
 
-    def read_answer(self, body: bytes, content_type: str) -> Answer: ...
+    def read_answer(self, body: bytes, content_type: str) -> Answer:
+        """The image, the URL or the task in a 200 answer. A shape it does not expect raises
+        (toolkit.Unusable, or any shape error): the backend reads within `reading_answer`."""
+        ...
 
 
 class PollingProvider(Provider, Protocol):
@@ -81,21 +78,3 @@ def hf_style_parameters(request: GenerationRequest) -> dict[str, Any]:
         "seed": request.seed,
     }
     return {key: value for key, value in parameters.items() if value is not None}
-
-
-def json_object(body: bytes) -> dict[str, Any]:
-    try:
-        answer = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadAnswer(describe_non_image(body)) from None
-    if not isinstance(answer, dict):
-        raise BadAnswer("JSON that is not an object")
-    return answer
-
-
-def first_b64_image(answer: dict[str, Any]) -> ImageBytes:
-    """`{"data": [{"b64_json": ...}]}`, the OpenAI-style shape several providers use."""
-    try:
-        return ImageBytes(pybase64.b64decode(answer["data"][0]["b64_json"], validate=True))
-    except (KeyError, IndexError, TypeError, binascii.Error, ValueError):
-        raise BadAnswer('JSON without "data"[0]["b64_json"]') from None

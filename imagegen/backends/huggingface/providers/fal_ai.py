@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from imagegen.backends.huggingface.providers.base import Answer, BadAnswer, ImageUrl, UpstreamCall, hf_style_parameters, json_object
+from imagegen.backends.huggingface.providers.base import Answer, ImageUrl, UpstreamCall, hf_style_parameters
+from imagegen.backends.toolkit import Unusable, json_object
 from imagegen.domain import GenerationRequest
 
 
@@ -23,11 +24,9 @@ class FalAI:
         return UpstreamCall(url=f"{router_url}/fal-ai/{quote(provider_model, safe='/')}", json=payload)
 
     def read_answer(self, body: bytes, content_type: str) -> Answer:
-        answer = json_object(body)
-        try:
-            url = answer["images"][0]["url"]
-        except (KeyError, IndexError, TypeError):
-            raise BadAnswer('JSON without "images"[0]["url"]') from None
+        images = json_object(body).get("images")
+        first = images[0] if isinstance(images, list) and images else None
+        url = first.get("url") if isinstance(first, dict) else None
         if not isinstance(url, str):
-            raise BadAnswer("an image URL that is not a string")
+            raise Unusable('JSON without "images"[0]["url"]')
         return ImageUrl(url)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from imagegen.backends.huggingface.providers.base import Answer, ImageBytes, UpstreamCall, first_b64_image, hf_style_parameters, json_object
+from imagegen.backends.huggingface.providers.base import Answer, ImageBytes, UpstreamCall, hf_style_parameters
+from imagegen.backends.toolkit import first_b64_image, json_object
 from imagegen.domain import GenerationRequest
 
 
@@ -28,5 +29,5 @@ class HFInference:
 
     def read_answer(self, body: bytes, content_type: str) -> Answer:
         if content_type.startswith("application/json"):
-            return first_b64_image(json_object(body))
+            return ImageBytes(first_b64_image(json_object(body)))
         return ImageBytes(body)

@@ -6,7 +6,8 @@ Nscale takes no step count. The answer is {"data": [{"b64_json": ...}]}.
 
 from __future__ import annotations
 
-from imagegen.backends.huggingface.providers.base import Answer, UpstreamCall, first_b64_image, hf_style_parameters, json_object
+from imagegen.backends.huggingface.providers.base import Answer, ImageBytes, UpstreamCall, hf_style_parameters
+from imagegen.backends.toolkit import first_b64_image, json_object
 from imagegen.domain import GenerationRequest
 
 
@@ -22,4 +23,4 @@ class Nscale:
         return UpstreamCall(url=f"{router_url}/nscale/v1/images/generations", json=payload)
 
     def read_answer(self, body: bytes, content_type: str) -> Answer:
-        return first_b64_image(json_object(body))
+        return ImageBytes(first_b64_image(json_object(body)))

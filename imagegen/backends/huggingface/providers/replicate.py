@@ -9,16 +9,8 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from imagegen.backends.huggingface.providers.base import (
-    Answer,
-    BadAnswer,
-    ImageUrl,
-    NotFinished,
-    TaskFailed,
-    UpstreamCall,
-    hf_style_parameters,
-    json_object,
-)
+from imagegen.backends.huggingface.providers.base import Answer, ImageUrl, NotFinished, TaskFailed, UpstreamCall, hf_style_parameters
+from imagegen.backends.toolkit import Unusable, json_object
 from imagegen.domain import GenerationRequest
 
 
@@ -39,12 +31,12 @@ class Replicate:
         if answer.get("status") == "failed" or answer.get("error"):
             raise TaskFailed(str(answer.get("error") or "the prediction failed"))
         if "output" not in answer:
-            raise BadAnswer('JSON without "output"')
+            raise Unusable('JSON without "output"')
         output = answer["output"]
         if output is None:
             raise NotFinished("Replicate did not finish the prediction in time")
         if isinstance(output, list) and output:
             output = output[0]
         if not isinstance(output, str):
-            raise BadAnswer('JSON whose "output" is not an image URL')
+            raise Unusable('JSON whose "output" is not an image URL')
         return ImageUrl(output)

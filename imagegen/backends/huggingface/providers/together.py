@@ -6,7 +6,8 @@ the answer is {"data": [{"b64_json": ...}]}.
 
 from __future__ import annotations
 
-from imagegen.backends.huggingface.providers.base import Answer, UpstreamCall, first_b64_image, hf_style_parameters, json_object
+from imagegen.backends.huggingface.providers.base import Answer, ImageBytes, UpstreamCall, hf_style_parameters
+from imagegen.backends.toolkit import first_b64_image, json_object
 from imagegen.domain import GenerationRequest
 
 # Together's names for Hugging Face's parameters.
@@ -28,4 +29,4 @@ class Together:
         return UpstreamCall(url=f"{router_url}/together/v1/images/generations", json=payload)
 
     def read_answer(self, body: bytes, content_type: str) -> Answer:
-        return first_b64_image(json_object(body))
+        return ImageBytes(first_b64_image(json_object(body)))

@@ -9,16 +9,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from imagegen.backends.huggingface.providers.base import (
-    Answer,
-    BadAnswer,
-    ImageUrl,
-    PendingTask,
-    TaskFailed,
-    UpstreamCall,
-    hf_style_parameters,
-    json_object,
-)
+from imagegen.backends.huggingface.providers.base import Answer, ImageUrl, PendingTask, TaskFailed, UpstreamCall, hf_style_parameters
+from imagegen.backends.toolkit import Unusable, json_object
 from imagegen.domain import GenerationRequest
 
 RUNNING_STATUSES = ("created", "processing", "pending", "queued")
@@ -39,19 +31,20 @@ class WaveSpeed:
         status = data.get("status")
         if status == "completed":
             outputs = data.get("outputs")
-            if not outputs or not isinstance(outputs[0], str):
-                raise BadAnswer("a completed task without an output URL")
+            if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], str):
+                raise Unusable("a completed task without an output URL")
             return ImageUrl(outputs[0])
         if status == "failed":
             raise TaskFailed(str(data.get("error") or "the task failed"))
         if status in RUNNING_STATUSES:
             return None
-        raise BadAnswer(f"a task with unknown status {str(status)[:40]!r}")
+        raise Unusable(f"a task with unknown status {str(status)[:200]!r}")
 
     def _pending(self, answer: dict[str, Any]) -> PendingTask:
-        get_url = (_data(answer).get("urls") or {}).get("get")
+        urls = _data(answer).get("urls")
+        get_url = urls.get("get") if isinstance(urls, dict) else None
         if not isinstance(get_url, str) or not get_url:
-            raise BadAnswer('a task without "urls"."get"')
+            raise Unusable('a task without "urls"."get"')
         # Only the path is kept: polling goes to the router, wherever the URL pointed.
         return PendingTask(poll_path=urlsplit(get_url).path)
 
@@ -59,5 +52,5 @@ class WaveSpeed:
 def _data(answer: dict[str, Any]) -> dict[str, Any]:
     data = answer.get("data")
     if not isinstance(data, dict):
-        raise BadAnswer('JSON without a "data" object')
+        raise Unusable('JSON without a "data" object')
     return data
