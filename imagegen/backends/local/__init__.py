@@ -11,6 +11,8 @@ One module per job:
 - queue.py       one generation at a time, the others in a bounded FIFO (a diffusers pipeline is
                  not thread-safe)
 - pipeline.py    a request as the pipeline's arguments, the call, the PNG
+- hub.py         where the weights come from: a folder, the Hugging Face cache first, else the
+                 Hub after one bounded probe; the start-up line saying which
 - loading.py     torch and diffusers imported, device and dtype chosen, load errors named
 - early_stop.py  stopping in the queue or between steps when the caller leaves or time is up
 - backend.py     LocalBackend: the Backend protocol over the above
@@ -23,10 +25,12 @@ torch at construction: the model loads on the worker side, lazily or through
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from imagegen.backends.local.backend import LOAD_RETRY_SECONDS, NAME, LocalBackend
 from imagegen.backends.local.defaults import DEFAULT_LOCAL_MODEL, ModelDefaults, known_defaults
+from imagegen.backends.local.hub import startup_line
 from imagegen.backends.local.options import LocalOptions, load_local_options
 from imagegen.backends.local.pipeline import encode_png, pipeline_arguments
 from imagegen.config import BackendSettings, Settings
@@ -34,6 +38,8 @@ from imagegen.errors import LocalModelUnavailable
 
 if TYPE_CHECKING:
     import requests
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_LOCAL_MODEL",
@@ -57,6 +63,8 @@ def create(settings: Settings, section: BackendSettings, session: requests.Sessi
     Called once per process, in gunicorn's parent: with LOCAL_PRELOAD=true the load is
     registered to start in each forked worker, never here."""
     backend = LocalBackend(section, load_local_options(section.options))
+    problem, line = startup_line(backend.default_model)
+    logger.log(logging.WARNING if problem else logging.INFO, line)
     if backend.options.preload:
         backend.preload_after_fork()
     return backend

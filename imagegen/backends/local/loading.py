@@ -7,22 +7,30 @@ import gc
 import inspect
 import logging
 import os
-import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from imagegen.backends.local.defaults import known_defaults
+from imagegen.backends.local.hub import (
+    WRONG_MODEL_ERRORS,
+    Weights,
+    cached_snapshot,
+    causes,
+    choose_variant,
+    first_line,
+    folder_files,
+    hub_offline,
+    is_hub_id,
+    not_cached_offline,
+    probe_hub,
+)
 from imagegen.backends.local.options import LocalOptions
 from imagegen.errors import ConfigurationError, ImageGenError, LocalModelUnavailable
 
 logger = logging.getLogger(__name__)
 
 REQUIREMENTS_FILE = "requirements-local.txt"
-# A Hub id ("owner/name"); anything else that is not an existing folder is taken for a missing
-# folder, so a typo in a path is reported as such and never sent to the Hub.
-HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
-# The Hub's error classes, by name, that say the model id itself is wrong (not the network).
-_WRONG_MODEL_ERRORS = ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError")
 
 
 @dataclass
@@ -37,31 +45,32 @@ class Loaded:
 def load_pipeline(model: str, options: LocalOptions) -> Loaded:
     # Before importing torch (seconds): a typo in a path is told at once.
     is_folder = os.path.isdir(model)
-    if not is_folder and not HUB_ID_PATTERN.fullmatch(model):
+    if not is_folder and not is_hub_id(model):
         raise ConfigurationError(
             f"LOCAL_MODEL names the folder {model!r}, which does not exist here (or is not a "
             "folder). Set LOCAL_MODEL to a Hugging Face model id or to a folder saved with "
             "save_pretrained.",
         )
+    # Also before torch: a model that is neither cached nor reachable is told in seconds.
+    prefer_fp16 = known_defaults(model).fp16_variant
+    weights = _weights(model, is_folder, prefer_fp16)
     torch, auto_pipeline = _import_runtime()
     device = _device(torch, options.device)
     dtype_name = options.dtype if options.dtype != "auto" else ("float16" if device in ("cuda", "mps") else "float32")
     dtype = getattr(torch, dtype_name)
     try:
-        pipeline = None
-        if known_defaults(model).fp16_variant:
-            # The fp16 files are half the download (sd-turbo: 2.6 GB, not 5.2) and load as fp32
-            # on a CPU just as well; a folder may hold only them. A cache or a folder that holds
-            # only the full files falls through.
-            try:
-                pipeline = auto_pipeline.from_pretrained(model, dtype=dtype, variant="fp16")
-            except Exception as error:
-                if is_out_of_memory(error):
-                    raise
-                logger.info("local model %s: no fp16 files (%s); loading the full ones", model, first_line(error))
-        if pipeline is None:
-            pipeline = auto_pipeline.from_pretrained(model, dtype=dtype)
+        try:
+            pipeline = _from_pretrained(auto_pipeline, model, dtype, weights)
+        except Exception as error:
+            if weights.location != "cache" or is_out_of_memory(error) or hub_offline():
+                raise
+            # A cache that holds only part of the model (an interrupted download): fetch the rest.
+            logger.warning("local model %s: the cached copy is incomplete (%s); fetching it", model, first_line(error))
+            weights = Weights("hub", choose_variant(probe_hub(model), prefer_fp16), local_files_only=False)
+            pipeline = _from_pretrained(auto_pipeline, model, dtype, weights)
         pipeline = pipeline.to(device)
+    except ImageGenError:
+        raise
     except Exception as error:
         raise _load_error(model, is_folder, device, error) from None
     pipeline.set_progress_bar_config(disable=True)
@@ -69,13 +78,41 @@ def load_pipeline(model: str, options: LocalOptions) -> Loaded:
     return Loaded(model=model, pipeline=pipeline, device=device, dtype=dtype_name, parameters=parameters)
 
 
+def _weights(model: str, is_folder: bool, prefer_fp16: bool) -> Weights:
+    """Where the files come from, decided from the files themselves: the folder, else the
+    cache (no network at all), else the Hub after one bounded probe."""
+    if is_folder:
+        return Weights("folder", choose_variant(folder_files(Path(model)), prefer_fp16), local_files_only=False)
+    snapshot = cached_snapshot(model)
+    if snapshot is not None:
+        return Weights("cache", choose_variant(folder_files(snapshot), prefer_fp16), local_files_only=True)
+    if hub_offline():
+        raise not_cached_offline(model)
+    weights = Weights("hub", choose_variant(probe_hub(model), prefer_fp16), local_files_only=False)
+    logger.info(
+        "local model %s: not in the Hugging Face cache; fetching its %s files from the Hub",
+        model,
+        weights.variant or "full",
+    )
+    return weights
+
+
+def _from_pretrained(auto_pipeline: Any, model: str, dtype: Any, weights: Weights) -> Any:
+    arguments: dict[str, Any] = {"dtype": dtype}
+    if weights.variant is not None:
+        arguments["variant"] = weights.variant
+    if weights.local_files_only:
+        arguments["local_files_only"] = True
+    return auto_pipeline.from_pretrained(model, **arguments)
+
+
 def source(model: str) -> str:
     """The model as the cache key names it: a folder as its absolute path, a Hub id as is."""
-    return os.path.realpath(model) if os.path.isdir(model) or not HUB_ID_PATTERN.fullmatch(model) else model
+    return os.path.realpath(model) if os.path.isdir(model) or not is_hub_id(model) else model
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, MemoryError) or any(name.endswith("OutOfMemoryError") for name in _causes(error))
+    return isinstance(error, MemoryError) or any(name.endswith("OutOfMemoryError") for name in causes(error))
 
 
 def free_memory() -> None:
@@ -86,11 +123,6 @@ def free_memory() -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else ""
 
 
 def _import_runtime() -> tuple[Any, Any]:
@@ -122,7 +154,7 @@ def _device(torch: Any, wanted: str) -> str:
 
 
 def _load_error(model: str, is_folder: bool, device: str, error: Exception) -> ImageGenError:
-    chain = _causes(error)
+    chain = causes(error)
     if is_out_of_memory(error):
         free_memory()
         return LocalModelUnavailable(
@@ -136,16 +168,16 @@ def _load_error(model: str, is_folder: bool, device: str, error: Exception) -> I
             f"LOCAL_MODEL={model} is a folder but not a diffusers text-to-image pipeline "
             f"({type(error).__name__}: {first_line(error)}).",
         )
-    if any(name in _WRONG_MODEL_ERRORS for name in chain):
+    if any(name in WRONG_MODEL_ERRORS for name in chain):
         return ConfigurationError(
             f"LOCAL_MODEL={model}: the Hugging Face Hub has no such model, or it is gated "
             f"(accept its licence and set HF_TOKEN). ({first_line(error)})",
         )
     if "LocalEntryNotFoundError" in chain:
         return LocalModelUnavailable(
-            f"LOCAL_MODEL={model} is not in the Hugging Face cache (HF_HOME) and could not be "
-            "downloaded (no network, or HF_HUB_OFFLINE is set). Download it once with network "
-            "access, or set LOCAL_MODEL to a folder that holds it.",
+            f"LOCAL_MODEL={model}: the Hugging Face cache holds only part of it and it could not be "
+            f"fetched ({first_line(error)}). Download it once with network access, or set "
+            "LOCAL_MODEL to a folder that holds it.",
             retryable=False,
             fail_over=True,
         )
@@ -154,13 +186,3 @@ def _load_error(model: str, is_folder: bool, device: str, error: Exception) -> I
         retryable=False,
         fail_over=True,
     )
-
-
-def _causes(error: BaseException) -> list[str]:
-    names, seen = [], set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        names.append(type(current).__name__)
-        current = current.__cause__ or current.__context__
-    return names
