@@ -191,3 +191,13 @@ def test_a_cached_model_loads_without_touching_the_network(tiny_model: str, tmp_
     assert outcome["loaded"] == "imagegen-tests/tiny-sd"
     assert silent_hub.model_requests() == [], silent_hub.paths  # not even a HEAD for a newer revision
     assert "found in the Hugging Face cache" in outcome["log"][0]
+
+
+def test_the_fp16_files_are_chosen_from_the_file_list() -> None:
+    from imagegen.backends.local.hub import choose_variant
+
+    both = ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"]
+    assert choose_variant(both, prefer_fp16=True) == "fp16"
+    assert choose_variant(both, prefer_fp16=False) is None  # a model without the preference keeps the full files
+    assert choose_variant(["unet/diffusion_pytorch_model.fp16.safetensors"], prefer_fp16=False) == "fp16"  # only those
+    assert choose_variant(["unet/diffusion_pytorch_model.safetensors"], prefer_fp16=True) is None  # none to prefer
