@@ -40,8 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imagegen.backends.base import GenerationContext  # noqa: E402
-from imagegen.backends.local import LocalBackend, encode_png  # noqa: E402
-from imagegen.config import BackendSettings  # noqa: E402
+from imagegen.backends.local import LocalBackend, create, encode_png  # noqa: E402
+from imagegen.config import load_settings  # noqa: E402
 from imagegen.domain import GenerationRequest, Route  # noqa: E402
 
 CONCURRENT = 8
@@ -107,7 +107,7 @@ def direct_caller(model: str, size: int, steps: int) -> Callable[[int], bytes]:
 def run(model: str, runs: int, rounds: int, size: int, steps: int) -> dict[str, float]:
     import torch
 
-    backend = LocalBackend(BackendSettings(name="local", model=model))
+    backend = local_backend(model)
     backend.preload()
     direct = direct_caller(model, size, steps)
 
@@ -283,13 +283,20 @@ def _pixels(png: bytes) -> bytes:
         return image.tobytes()
 
 
+def local_backend(model: str) -> LocalBackend:
+    """The backend as the function builds it: settings read, then the registry's create()."""
+    settings = load_settings({"BACKENDS": "local", "LOCAL_MODEL": model})
+    return create(settings, settings.backend_settings["local"], None)
+
+
 def _bookkeeping_us(backend: LocalBackend, steps: int, repeat: int = 2000) -> float:
     """The backend's own work around one generation, without the model: take and give back
     the slot, build the arguments and generator, and run the step callback `steps` times.
     Deterministic where the end-to-end figures are at the mercy of other jobs' CPU use."""
     import torch
 
-    from imagegen.backends.local import _step_callback, known_defaults, pipeline_arguments
+    from imagegen.backends.local import known_defaults, pipeline_arguments
+    from imagegen.backends.local.early_stop import step_callback
 
     request = GenerationRequest(prompt=PROMPT, width=256, height=256, steps=steps, seed=1)
     accepts = backend._loaded.parameters  # noqa: SLF001 - a bench may look inside
@@ -298,13 +305,13 @@ def _bookkeeping_us(backend: LocalBackend, steps: int, repeat: int = 2000) -> fl
         started = time.perf_counter()
         for _ in range(repeat):
             context = GenerationContext(deadline=time.monotonic() + 600)
-            backend._acquire(context)  # noqa: SLF001
+            backend._queue.acquire(context)  # noqa: SLF001
             pipeline_arguments(request, known_defaults(backend.default_model), accepts)
             torch.Generator(device="cpu").manual_seed(1)
-            callback = _step_callback(context, steps)
+            callback = step_callback(context, steps)
             for step in range(steps):
                 callback(None, step, 0, {})
-            backend._release()  # noqa: SLF001
+            backend._queue.release()  # noqa: SLF001
         samples.append((time.perf_counter() - started) / repeat * 1e6)
     return statistics.median(samples)
 

@@ -335,8 +335,6 @@ def measure_local(tmp: str, quick: bool) -> list[tuple[str, str, str]]:
     import torch
 
     from bench import local  # noqa: I001 - after HF_HUB_OFFLINE
-    from imagegen.backends.local import LocalBackend
-    from imagegen.config import BackendSettings
     from tests.tiny_pipeline import build_tiny_pipeline
 
     threads, size, steps = 1, 256, 2
@@ -361,7 +359,7 @@ def measure_local(tmp: str, quick: bool) -> list[tuple[str, str, str]]:
         )
     finally:
         function.stop()
-    backend = LocalBackend(BackendSettings(name="local", model=model))
+    backend = local.local_backend(model)
     backend.preload()
     bookkeeping_us = local._bookkeeping_us(backend, steps, 500 if quick else 2000)  # noqa: SLF001
     setting = f"tiny model {size}x{size}, {steps} steps, CPU, {threads} torch thread"

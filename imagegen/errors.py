@@ -161,6 +161,14 @@ class Cancelled(ImageGenError):
         super().__init__(message)
 
 
+class LocalModelUnavailable(UpstreamError):
+    """The local model cannot run now (out of memory, not in the cache and not downloadable):
+    another backend may serve the request, so the dispatcher fails over."""
+
+    status = 503
+    code = "local_model_unavailable"
+
+
 # --- storage (never reaches the caller as an error: the image is returned with a warning) -----
 
 

@@ -37,7 +37,7 @@ from imagegen.backends.local import (  # noqa: E402
     load_local_options,
     pipeline_arguments,
 )
-from imagegen.config import BackendSettings  # noqa: E402
+from imagegen.config import BackendSettings, load_settings  # noqa: E402
 from imagegen.domain import GenerationRequest, Route  # noqa: E402
 from imagegen.errors import BackendBusy, Cancelled, ConfigurationError, InvalidRequest, UpstreamTimeout  # noqa: E402
 from imagegen.retry import Timing  # noqa: E402
@@ -53,7 +53,7 @@ SMALL = {"width": 64, "height": 64, "steps": 2}
 
 
 def make_backend(model: str, timing: Timing | None = None, **options: str) -> LocalBackend:
-    return LocalBackend(BackendSettings(name="local", model=model, options=options), timing)
+    return LocalBackend(BackendSettings(name="local", model=model, options=options), load_local_options(options), timing)
 
 
 class Events:
@@ -327,7 +327,8 @@ def test_preload_loads_before_the_first_request(tiny_model: str) -> None:
 
 def test_importing_the_module_imports_nothing_heavy() -> None:
     code = (
-        "import sys, imagegen.backends.local as m; m.create(m.BackendSettings(name='local'));"
+        "import sys, imagegen.backends.local as m; from imagegen.config import load_settings;"
+        "s = load_settings({'BACKENDS': 'local'}); m.create(s, s.backend_settings['local'], None);"
         "heavy = [n for n in ('torch', 'diffusers', 'transformers', 'numpy') if n in sys.modules];"
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
@@ -356,7 +357,8 @@ def test_options_are_checked_and_name_the_variable() -> None:
 
 
 def test_routes_identity_and_allowed_models(tmp_path: Path) -> None:
-    backend = create(BackendSettings(name="local", allowed_models=("stabilityai/sdxl-turbo",)))
+    settings = load_settings({"BACKENDS": "local", "LOCAL_ALLOWED_MODELS": "stabilityai/sdxl-turbo"})
+    backend = create(settings, settings.backend_settings["local"], None)
     assert backend.name == "local" and backend.default_model == "stabilityai/sd-turbo"
     assert backend.allowed_models == ("stabilityai/sd-turbo", "stabilityai/sdxl-turbo")
     assert backend.identity() == "local:stabilityai/sd-turbo"
@@ -406,13 +408,13 @@ import os, sys, time
 sys.path.insert(0, os.environ["IMAGEGEN_ROOT"])
 import functions_framework
 from imagegen.backends.base import GenerationContext
-from imagegen.backends.local import LocalBackend
-from imagegen.config import BackendSettings
+from imagegen.backends.local import create
+from imagegen.config import load_settings
 from imagegen.domain import GenerationRequest, Route
 
 IMPORTED_IN = os.getpid()
-backend = LocalBackend(BackendSettings(name="local", model=os.environ["LOCAL_MODEL"], options={"LOCAL_PRELOAD": "true"}))
-backend.preload_after_fork()
+settings = load_settings({"BACKENDS": "local", "LOCAL_MODEL": os.environ["LOCAL_MODEL"], "LOCAL_PRELOAD": "true"})
+backend = create(settings, settings.backend_settings["local"], None)  # registers the preload after the fork
 TORCH_AT_IMPORT = "torch" in sys.modules
 
 
