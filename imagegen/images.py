@@ -429,7 +429,7 @@ def _convert(data: bytes, kind: str, wait_seconds: float) -> bytes:
     except NotAnImage:
         raise
     except _OutputTooLarge:
-        raise _too_large(f"a {kind.upper()} whose converted PNG is over {MAX_IMAGE_BYTES // 2**20} MiB") from None
+        raise _too_large(f"a {kind.upper()} whose converted PNG is too large") from None
     except Image.DecompressionBombError:  # Pillow's own limit, checked when it opens the file
         raise NotAnImage(f"a {kind.upper()} larger than the {MAX_IMAGE_PIXELS // 2**20} megapixels accepted") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:

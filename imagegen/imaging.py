@@ -61,7 +61,7 @@ def walk_chunks(png: bytes | memoryview) -> Iterator[Chunk]:
 
 def png_dimensions(png: bytes | memoryview) -> tuple[int, int] | None:
     """Width and height from IHDR, or None when the bytes do not start with a PNG's IHDR."""
-    if len(png) < IHDR_END or bytes(png[:8]) != PNG_SIGNATURE or bytes(png[12:16]) != b"IHDR":
+    if len(png) < 24 or bytes(png[:8]) != PNG_SIGNATURE or bytes(png[12:16]) != b"IHDR":
         return None
     width, height = struct.unpack_from(">II", png, 16)
     return width, height

@@ -124,3 +124,24 @@ def test_upstream_text_chunks_are_dropped_and_the_rest_kept():
     assert [c.kind for c in walk_chunks(kept)].count(b"gAMA") == 1
     assert not {b"tEXt", b"zTXt", b"iTXt"} & {c.kind for c in walk_chunks(kept)}
     assert kept.replace(chunk(b"gAMA", struct.pack(">I", 45455)), b"") == png
+
+
+def test_an_upstream_provider_text_chunk_never_reaches_the_stored_file(tmp_path):
+    # #19 item 6: a cache hit reads "provider" back from the stored file, so an upstream's own
+    # tEXt provider chunk would have become the answer's provider.
+    from imagegen.domain import GeneratedImage, GenerationRequest, Route
+    from imagegen.png_info import embed_parameters, png_text
+    from imagegen.storage import ImageMetadata, LocalImageStore
+
+    png = make_image(64, 64)
+    upstream = png[:33] + chunk(b"tEXt", b"provider\0evil-provider") + png[33:] + b"<html>tail</html>"
+    image = GeneratedImage(png=ensure_png(upstream), route=Route("openai", "gpt-image-1"), seed=None)
+    parts = embed_parameters(image, GenerationRequest(prompt="a fox"))
+    store = LocalImageStore(tmp_path, max_files=10)
+    store.save(parts, "fox.png", ImageMetadata(model="gpt-image-1", prompt="a fox", seed=None))
+    (path,) = [p for p in tmp_path.rglob("*") if p.is_file()]
+    stored = path.read_bytes()
+    assert b"evil-provider" not in stored and b"<html>" not in stored
+    assert png_text(stored, "provider") is None and png_text(stored, "backend") == "openai"
+    assert check_png(stored) is not None  # what we store is itself a sound PNG
+
