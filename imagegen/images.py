@@ -7,22 +7,32 @@ the size IHDR implies. That catches truncated downloads, flipped bytes, non-PNG 
 header that lies about the size, where Pillow's verify() checks only CRCs and re-encoding costs
 hundreds of milliseconds. It is not free: about 8 ms for the bench's 1024x1024 RGB PNG on the
 2-core development VM with ISA-L's inflate (17 ms with zlib's), nearly all of it inflating
-3 MB (the CRCs take under 1 ms). Row filter bytes are not checked. Pillow only converts the JPEG or
-WebP answers some providers give, and reads their size before decoding them.
+3 MB (the CRCs take under 1 ms). Row filter types are checked on the inflated pieces (a strided
+slice each: no measurable cost). What is kept drops the upstream's text chunks and whatever follows
+IEND. Pillow only converts the JPEG, WebP or GIF answers some providers give, within a memory
+budget worked out from their header before decoding them (DecodeBudget).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import struct
+import threading
+import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from isal import isal_zlib as _inflate
+
+from imagegen.config import MAX_IMAGE_BYTES
+from imagegen.errors import ServerBusy
+from imagegen.imaging import PNG_SIGNATURE, TEXT_CHUNKS, Chunk, TruncatedPng, walk_chunks
 
 # Inflating a 1024x1024 PNG to check it is most of what this function adds to a request:
 # Intel's ISA-L (python-isal, `_inflate`) does it in under half zlib's time (7.8 ms against
 # 17.3 ms for the bench's 1.7 MB PNG on these machines), with the same results.
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class NotAnImage(ValueError):
@@ -54,34 +64,65 @@ def describe_non_image(data: bytes) -> str:
     return f"{len(data)} bytes that are not an image"
 
 
-def check_png(data: bytes) -> None:
-    """Raise `NotAnImage` unless `data` is a sound PNG of at most `MAX_IMAGE_PIXELS` pixels."""
+def check_png(data: bytes) -> bytes:
+    """The PNG as we keep it, or `NotAnImage` unless `data` is a sound PNG of at most
+    `MAX_IMAGE_PIXELS` pixels.
+
+    What we keep drops the upstream's text chunks (tEXt, zTXt, iTXt: a "provider" or "seed"
+    chunk must never pass for our own metadata, which embed_parameters adds later) and whatever
+    follows IEND. It is `data` itself, not a copy, when there is nothing to drop.
+    """
     view = memoryview(data)
-    offset = len(PNG_SIGNATURE)
     image_data: _ImageData | None = None
+    palette = False
     previous = b""
-    while offset + 12 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, offset)
-        end = offset + 12 + length
-        if end > len(data):
-            raise NotAnImage(f"a truncated PNG ({len(data)} bytes, a {kind!r} chunk runs past the end)")
-        if image_data is None and (kind != b"IHDR" or length != 13):
-            raise NotAnImage("a PNG without a valid IHDR header")
-        (crc,) = struct.unpack_from(">I", data, end - 4)
-        if zlib.crc32(view[offset + 4 : end - 4]) != crc:
-            raise NotAnImage(f"a corrupt PNG (the {_name(kind)} chunk at byte {offset} fails its CRC)")
-        if image_data is None:
-            image_data = _ImageData(*struct.unpack_from(">IIBBBBB", data, offset + 8))
-        elif kind == b"IDAT":
-            if previous != b"IDAT" and image_data.started:
-                raise NotAnImage("a corrupt PNG (its IDAT chunks are not consecutive)")
-            image_data.feed(view[offset + 8 : end - 4])
-        elif kind == b"IEND":
-            image_data.finish()
-            return
-        previous = kind
-        offset = end
+    dropped: list[Chunk] = []
+    try:
+        for chunk in walk_chunks(view):
+            kind = chunk.kind
+            if image_data is None and (kind != b"IHDR" or chunk.length != 13):
+                raise NotAnImage("a PNG without a valid IHDR header")
+            (crc,) = struct.unpack_from(">I", data, chunk.data_end)
+            if zlib.crc32(view[chunk.start + 4 : chunk.data_end]) != crc:
+                raise NotAnImage(f"a corrupt PNG (the {_name(kind)} chunk at byte {chunk.start} fails its CRC)")
+            if image_data is None:
+                image_data = _ImageData(*struct.unpack_from(">IIBBBBB", data, chunk.data_start))
+            elif kind == b"IDAT":
+                if previous != b"IDAT" and image_data.started:
+                    raise NotAnImage("a corrupt PNG (its IDAT chunks are not consecutive)")
+                image_data.feed(view[chunk.data_start : chunk.data_end])
+            elif kind == b"IEND":
+                image_data.finish()
+                if image_data.color == 3 and not palette:
+                    raise NotAnImage("a corrupt PNG (a palette image without a PLTE chunk)")
+                return _without(data, dropped, chunk.end)
+            elif kind == b"PLTE":
+                # Decoders refuse a second palette, a palette after the pixels, or one in a grey image.
+                if palette or image_data.started or image_data.color in (0, 4):
+                    raise NotAnImage("a corrupt PNG (a PLTE chunk where none may be)")
+                palette = True
+            elif kind in TEXT_CHUNKS:
+                dropped.append(chunk)
+            elif kind == b"IHDR" or not kind[0] & 0x20:
+                # A second IHDR, or a critical chunk no decoder knows: the image cannot be shown.
+                raise NotAnImage(f"a corrupt PNG (an unexpected {_name(kind)} chunk at byte {chunk.start})")
+            previous = kind
+    except TruncatedPng as error:
+        raise NotAnImage(f"a truncated PNG ({len(data)} bytes, {error})") from None
     raise NotAnImage(f"a truncated PNG ({len(data)} bytes, no IEND chunk)")
+
+
+def _without(data: bytes, dropped: list[Chunk], end: int) -> bytes:
+    """`data` up to `end` without the `dropped` chunks: one copy, and only when needed."""
+    if not dropped and end == len(data):
+        return data
+    view = memoryview(data)
+    pieces, offset = [], 0
+    for chunk in dropped:
+        pieces.append(view[offset : chunk.start])
+        offset = chunk.end
+    pieces.append(view[offset:end])
+    return b"".join(pieces)
 
 
 # The largest image accepted from upstream: 32 megapixels, about twice the largest any
@@ -99,7 +140,8 @@ _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), 
 
 
 class _ImageData:
-    """The zlib stream of a PNG's IDAT chunks, checked against the size IHDR implies."""
+    """The zlib stream of a PNG's IDAT chunks, checked against the size IHDR implies, and every
+    row's filter type (0 to 4: anything else and no decoder can show the image)."""
 
     def __init__(self, width: int, height: int, depth: int, color: int, compression: int, filtering: int, interlace: int):
         if not (width and height):
@@ -110,7 +152,9 @@ class _ImageData:
             raise NotAnImage(
                 f"a PNG of {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS // 2**20} megapixels accepted"
             )
-        self.expected = _inflated_size(width, height, _CHANNELS[color] * depth, interlace == 1)
+        self.color = color
+        self.rows = _row_layout(width, height, _CHANNELS[color] * depth, interlace == 1)
+        self.expected = self.rows[-1][1]
         self.remaining = self.expected
         self.started = False
         self._inflater = _inflate.decompressobj()
@@ -123,9 +167,11 @@ class _ImageData:
                 # One byte more than is left: a stream that inflates past the size is caught
                 # without ever producing more than a piece.
                 piece = self._inflater.decompress(pending, min(self.remaining + 1, _INFLATE_PIECE_BYTES))
-                self.remaining -= len(piece)
-                if self.remaining < 0:
+                if len(piece) > self.remaining:
                     raise NotAnImage("a corrupt PNG (its image data is larger than its header says)")
+                if piece:
+                    self._check_filters(piece, self.expected - self.remaining)
+                self.remaining -= len(piece)
                 pending = self._inflater.unconsumed_tail
                 # ISA-L may hold inflated bytes back after taking all the input: ask again with
                 # no input until nothing more comes (zlib keeps the input in unconsumed_tail).
@@ -133,6 +179,25 @@ class _ImageData:
                     break
         except _inflate.error:
             raise NotAnImage("a corrupt PNG (its image data does not inflate)") from None
+
+    def _check_filters(self, piece: bytes, position: int) -> None:
+        """The filter bytes in `piece`, which starts `position` bytes into the inflated stream.
+
+        One strided slice per pass (one for a plain image, up to seven for Adam7), then one
+        translate that deletes the valid types: C speed, never a Python loop per row.
+        """
+        end = position + len(piece)
+        for begin, stop, stride in self.rows:
+            if stop <= position:
+                continue
+            if begin >= end:
+                break
+            first = max(begin, position)
+            first += (begin - first) % stride  # the first row start at or after `first`
+            last = min(stop, end)
+            if first < last and piece[first - position : last - position : stride].translate(None, _FILTER_TYPES):
+                bad = max(piece[first - position : last - position : stride])
+                raise NotAnImage(f"a corrupt PNG (a row with filter type {bad}; only 0 to 4 exist)")
 
     def finish(self) -> None:
         if not self.started:
@@ -144,31 +209,204 @@ class _ImageData:
             )
 
 
-def _inflated_size(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
-    """Bytes of filtered scanlines: each row is one filter byte and its packed pixels."""
-    if not interlaced:
-        return height * (1 + (width * bits_per_pixel + 7) // 8)
-    size = 0
-    for x0, y0, dx, dy in _ADAM7:
+_FILTER_TYPES = bytes(range(5))
+
+
+def _row_layout(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> list[tuple[int, int, int]]:
+    """Where rows lie in the inflated stream: (begin, end, row length) for each pass that has
+    pixels (one for a plain image). Each row is one filter byte and its packed pixels."""
+    passes = ((0, 0, 1, 1),) if not interlaced else _ADAM7
+    layout, offset = [], 0
+    for x0, y0, dx, dy in passes:
         columns = (width - x0 + dx - 1) // dx if width > x0 else 0
         rows = (height - y0 + dy - 1) // dy if height > y0 else 0
         if columns and rows:  # an empty pass has no rows at all, not even filter bytes
-            size += rows * (1 + (columns * bits_per_pixel + 7) // 8)
-    return size
+            stride = 1 + (columns * bits_per_pixel + 7) // 8
+            layout.append((offset, offset + rows * stride, stride))
+            offset += rows * stride
+    return layout
 
 
 def _name(kind: bytes) -> str:
     return kind.decode("ascii") if kind.isalpha() else repr(kind)
 
 
-def ensure_png(data: bytes) -> bytes:
-    """Return PNG bytes for any readable image; a PNG is checked, never re-encoded."""
+# --- decoding memory: what Pillow may allocate, bounded before it allocates it ---------------
+
+# Bytes per pixel that decoding and converting takes at its peak (the decoder's buffers, Pillow's
+# image, a converted copy), measured as peak RSS on test-made images (notes/imaging-bounds.md,
+# bench/decode_memory.py) and rounded up. Pillow keeps RGB in 4 bytes a pixel, like RGBA.
+_BYTES_PER_PIXEL = {
+    ("jpeg", "L"): 6,  # measured 5.1-5.3
+    ("jpeg", "RGB"): 8,  # 7.2-7.7
+    ("jpeg", "CMYK"): 10,  # 9.2-9.6
+    ("jpeg", "progressive"): 10,  # 9.3-9.7: libjpeg keeps every coefficient until the last scan
+    ("webp", "lossy"): 17,  # 16.1: libwebp's canvas, its copy as bytes, Pillow's image
+    ("webp", "lossless"): 24,  # 23.1-23.6: and the lossless decoder's own ARGB buffers
+    ("gif", "any"): 25,  # 23.5-23.9
+}
+# The converted PNG while it is written (at most MAX_IMAGE_BYTES) and zlib's state.
+_OUTPUT_ALLOWANCE = MAX_IMAGE_BYTES + 2 * 2**20
+# Anything Pillow reads that is not in the table: the most expensive row.
+_WORST_BYTES_PER_PIXEL = max(_BYTES_PER_PIXEL.values())
+
+
+def decode_memory(kind: str, image, data: bytes) -> int:
+    """The bytes decoding and converting `image` (opened, not yet loaded) will need at most."""
+    width, height = image.size
+    if kind == "jpeg":
+        key = ("jpeg", "progressive" if image.info.get("progressive") or image.info.get("progression") else image.mode)
+    elif kind == "webp":
+        key = ("webp", "lossless" if _webp_is_lossless(data) else "lossy")
+    else:
+        key = ("gif", "any")
+    return width * height * _BYTES_PER_PIXEL.get(key, _WORST_BYTES_PER_PIXEL) + _OUTPUT_ALLOWANCE
+
+
+def _webp_is_lossless(data: bytes) -> bool:
+    """A lossless bitstream (VP8L) anywhere in the first chunks; an extended file (VP8X) may
+    put one after its ALPH, ICCP or ANIM chunks, so a few chunks are walked, not only the first."""
+    offset = 12
+    for _ in range(8):
+        kind, size = data[offset : offset + 4], int.from_bytes(data[offset + 4 : offset + 8], "little")
+        if kind == b"VP8L":
+            return True
+        if kind in (b"VP8 ", b""):
+            return False
+        if kind == b"ANMF":  # a frame: its bitstream follows a 16-byte frame header
+            offset += 8 + 16
+            continue
+        offset += 8 + size + (size & 1)
+    return True  # unknown layout: assume the dearer decoder
+
+
+class DecodeBudget:
+    """Bytes of decoding memory this instance may use at once, and the most one decode may take.
+
+    A decode over `per_decode` is refused at once (its image is the upstream's fault: a 502 that
+    fails over); one that fits waits for room until its request's time runs out, then is a 503
+    server_busy (this instance's state, not the upstream's).
+    """
+
+    def __init__(self, total: int, per_decode: int | None = None) -> None:
+        self.total = total
+        self.per_decode = min(total, per_decode or total)
+        self._free = total
+        self._room = threading.Condition()
+
+    @contextmanager
+    def hold(self, need: int, wait_seconds: float, what: str) -> Iterator[None]:
+        if need > self.per_decode:
+            raise ImageTooLarge(
+                f"{what}, which would take {need / 2**20:.0f} MiB to decode, more than the"
+                f" {self.per_decode / 2**20:.0f} MiB one decode may use"
+            )
+        give_up = time.monotonic() + max(0.0, wait_seconds)
+        with self._room:
+            while self._free < need:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise ServerBusy(
+                        "This server is decoding as many images as its memory allows, and the request waited "
+                        "until its time ran out. Try again in a moment."
+                    )
+                self._room.wait(left)
+            self._free -= need
+        try:
+            yield
+        finally:
+            with self._room:
+                self._free += need
+                self._room.notify_all()
+
+    def in_use(self) -> int:
+        with self._room:
+            return self.total - self._free
+
+
+# What a decode waits for room when its caller gives no time left: a request that gives one
+# waits for its own deadline instead.
+DEFAULT_DECODE_WAIT_SECONDS = 10.0
+# The instance-wide budget, unless set (DECODE_MEMORY_MIB): a quarter of the instance's memory,
+# so that with 1 GiB (the README's deploy) 256 MiB decode at once: a 4096x4096 JPEG, or a
+# 17 Mpx one (Gemini's largest), alone; never the 650 MB a 16383x2000 lossless WebP would take.
+DEFAULT_DECODE_SHARE = 0.25
+_MIN_DEFAULT_BUDGET = 64 * 2**20
+_budget: DecodeBudget | None = None
+_budget_lock = threading.Lock()
+
+
+def instance_memory_bytes() -> int | None:
+    """The memory this instance may use: the cgroup limit where there is one (a container,
+    Cloud Run), else the machine's; None when neither can be read."""
+    found = []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as file:
+                value = file.read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 2**60:  # "max" or a huge number: no limit
+            found.append(int(value))
+    try:
+        found.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    return min(found) if found else None
+
+
+def default_decode_budget() -> DecodeBudget:
+    memory = instance_memory_bytes() or 1024 * 2**20
+    return DecodeBudget(max(_MIN_DEFAULT_BUDGET, int(memory * DEFAULT_DECODE_SHARE)))
+
+
+def configure_decoding(total_bytes: int | None = None, per_decode_bytes: int | None = None) -> DecodeBudget:
+    """Set this instance's decoding budget (DECODE_MEMORY_MIB, MAX_DECODE_MEMORY_MIB); None
+    keeps the default derived from the instance's memory. Call once at start."""
+    global _budget
+    default = default_decode_budget()
+    budget = DecodeBudget(total_bytes or default.total, per_decode_bytes)
+    with _budget_lock:
+        _budget = budget
+    return budget
+
+
+def decode_budget() -> DecodeBudget:
+    global _budget
+    with _budget_lock:
+        if _budget is None:
+            _budget = default_decode_budget()
+        return _budget
+
+
+class ImageTooLarge(NotAnImage):
+    """The image is sound but larger than we may keep or decode."""
+
+
+def ensure_png(data: bytes, *, wait_seconds: float | None = None) -> bytes:
+    """PNG bytes for any readable image, at most MAX_IMAGE_BYTES: a PNG is checked (and loses
+    its text chunks and any trailing bytes), never re-encoded; a JPEG, WebP or GIF is decoded
+    within this instance's decoding budget, waiting at most `wait_seconds` for room (the
+    request's time left; DEFAULT_DECODE_WAIT_SECONDS when not given), then converted."""
     kind = sniff_image_type(data)
     if kind is None:
         raise NotAnImage(describe_non_image(data))
     if kind == "png":
-        check_png(data)
-        return data
+        png = check_png(data)
+        converted = ""
+    else:
+        png = _convert(data, kind, DEFAULT_DECODE_WAIT_SECONDS if wait_seconds is None else wait_seconds)
+        converted = "converted "
+    if len(png) > MAX_IMAGE_BYTES:
+        raise _too_large(f"a {converted}PNG of {len(png) / 1e6:.1f} MB")
+    return png
+
+
+def _too_large(what: str) -> ImageTooLarge:
+    return ImageTooLarge(f"{what}, larger than the {MAX_IMAGE_BYTES // 2**20} MiB an image may be")
+
+
+def _convert(data: bytes, kind: str, wait_seconds: float) -> bytes:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -181,14 +419,38 @@ def ensure_png(data: bytes) -> bytes:
                     f"a {kind.upper()} of {width}x{height} pixels, more than the"
                     f" {MAX_IMAGE_PIXELS // 2**20} megapixels accepted"
                 )
-            image.load()
-            converted = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+            need = decode_memory(kind, image, data)
+            with decode_budget().hold(need, wait_seconds, f"a {kind.upper()} of {width}x{height} pixels"):
+                image.load()
+                # Converting to the same mode would copy every pixel once more for nothing.
+                mode = "RGBA" if "A" in image.getbands() else "RGB"
+                converted = image if image.mode == mode else image.convert(mode)
+                out = _BoundedBuffer(MAX_IMAGE_BYTES)
+                converted.save(out, format="PNG", compress_level=6)
+                return out.getvalue()
     except NotAnImage:
         raise
+    except _OutputTooLarge:
+        raise _too_large(f"a {kind.upper()} whose converted PNG is too large") from None
     except Image.DecompressionBombError:  # Pillow's own limit, checked when it opens the file
         raise NotAnImage(f"a {kind.upper()} larger than the {MAX_IMAGE_PIXELS // 2**20} megapixels accepted") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
         raise NotAnImage(f"a {kind.upper()} that cannot be decoded ({error})") from None
-    out = io.BytesIO()
-    converted.save(out, format="PNG")
-    return out.getvalue()
+
+
+class _OutputTooLarge(Exception):
+    pass
+
+
+class _BoundedBuffer(io.BytesIO):
+    """Where the converted PNG is written: it stops the encoder once the PNG could no longer be
+    kept, rather than letting a noisy 32 Mpx JPEG grow a 100 MB PNG first."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self._limit = limit
+
+    def write(self, data) -> int:  # type: ignore[override]
+        if self.tell() + len(data) > self._limit:
+            raise _OutputTooLarge()
+        return super().write(data)

@@ -25,16 +25,63 @@ _SEVERITY = {
 }
 
 
-class JsonLineFormatter(logging.Formatter):
+# Every string a line carries is cut here, in the formatters, whoever logged it: a request can
+# bring an 8 MiB path (functions-framework sets no request-line limit), a user agent, an
+# upstream's error text. With these bounds no line is more than a few KB.
+MAX_FIELD_CHARS = 1024
+MAX_MESSAGE_CHARS = 2048
+MAX_EXCEPTION_CHARS = 8192
+MAX_ITEMS = 64  # entries kept of any list or dict
+_MAX_DEPTH = 8
+
+
+def bounded(value: Any, limit: int = MAX_FIELD_CHARS, depth: int = 0) -> Any:
+    """`value` with every string cut to `limit` characters (saying how long it was), every
+    list and dict to MAX_ITEMS entries; numbers, booleans and None as they are."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else f"{value[:limit]}...[{len(value)} chars]"
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if depth >= _MAX_DEPTH:
+        return "..."
+    if isinstance(value, dict):
+        items = list(value.items())
+        kept = {bounded(str(key), 64): bounded(item, limit, depth + 1) for key, item in items[:MAX_ITEMS]}
+        if len(items) > MAX_ITEMS:
+            kept["..."] = f"{len(items) - MAX_ITEMS} more"
+        return kept
+    if isinstance(value, (list, tuple)):
+        kept_items = [bounded(item, limit, depth + 1) for item in value[:MAX_ITEMS]]
+        return kept_items + ([f"...{len(value) - MAX_ITEMS} more"] if len(value) > MAX_ITEMS else [])
+    return bounded(str(value), limit)
+
+
+class _BoundedFormatter(logging.Formatter):
+    """The one place a record's message, fields and traceback are bounded, for both lines."""
+
+    def parts(self, record: logging.LogRecord) -> tuple[str, dict[str, Any], str | None]:
+        message = bounded(record.getMessage(), MAX_MESSAGE_CHARS)
+        fields = bounded(getattr(record, "fields", None) or {})
+        exception = None
+        if record.exc_info:
+            text = self.formatException(record.exc_info)
+            if len(text) > MAX_EXCEPTION_CHARS:  # the start says where, the end says what
+                text = f"{text[:1024]}\n...[{len(text)} chars]...\n{text[-(MAX_EXCEPTION_CHARS - 1024):]}"
+            exception = text
+        return message, fields, exception
+
+
+class JsonLineFormatter(_BoundedFormatter):
     def format(self, record: logging.LogRecord) -> str:
+        message, fields, exception = self.parts(record)
         entry: dict[str, Any] = {
             "severity": _SEVERITY.get(record.levelno, "DEFAULT"),
-            "message": record.getMessage(),
+            "message": message,
             "logger": record.name,
         }
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["message"] += "\n" + self.formatException(record.exc_info)
+        entry.update(fields)
+        if exception:
+            entry["message"] += "\n" + exception
         line = json.dumps(entry, ensure_ascii=False, default=str)
         try:
             line.encode("utf-8")
@@ -79,14 +126,16 @@ class StdoutHandler(logging.StreamHandler):
         pass
 
 
-class TextLineFormatter(logging.Formatter):
+class TextLineFormatter(_BoundedFormatter):
     """A line a person reads in a terminal: time, severity, what happened, and the few fields
     that say how (backend, model, seed, cache, error code, request id)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", {})
+        message, fields, exception = self.parts(record)
         details = fields.get("imagegen", {})
-        parts = [self.formatTime(record, "%H:%M:%S"), f"{_SEVERITY.get(record.levelno, 'DEFAULT'):<7}", record.getMessage()]
+        if not isinstance(details, dict):
+            details = {}
+        parts = [self.formatTime(record, "%H:%M:%S"), f"{_SEVERITY.get(record.levelno, 'DEFAULT'):<7}", message]
         if details.get("backend"):
             route = "/".join(str(details[key]) for key in ("backend", "provider") if details.get(key))
             parts.append(f"{route} {details.get('model', '')}".rstrip())
@@ -106,8 +155,8 @@ class TextLineFormatter(logging.Formatter):
             line += f"\n    {details['error']}"
         if details.get("warning"):
             line += f"\n    warning: {details['warning']}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        if exception:
+            line += "\n" + exception
         return line
 
 

@@ -11,10 +11,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from imagegen.images import PNG_SIGNATURE
 from imagegen.domain import GeneratedImage, GenerationRequest
-
-_IHDR_END = len(PNG_SIGNATURE) + 4 + 4 + 13 + 4  # signature, length, type, 13 data bytes, CRC
+from imagegen.imaging import IHDR_END, TruncatedPng, png_dimensions, walk_chunks
 
 
 @dataclass(frozen=True)
@@ -43,23 +41,28 @@ class PngParts:
 
 
 def png_text(png: bytes, keyword: str) -> str | None:
-    """The value of a tEXt chunk before the image data (where embed_parameters puts them)."""
-    offset = len(PNG_SIGNATURE)
+    """The value of a tEXt chunk before the image data (where embed_parameters puts them).
+
+    Only ours are there: the check drops every text chunk an upstream image carried."""
     wanted = keyword.encode("latin-1") + b"\0"
-    while offset + 12 <= len(png):
-        length, kind = struct.unpack_from(">I4s", png, offset)
-        if kind == b"IDAT":
-            return None
-        data = png[offset + 8 : offset + 8 + length]
-        if kind == b"tEXt" and data.startswith(wanted):
-            return data[len(wanted) :].decode("latin-1")
-        offset += 12 + length
+    try:
+        for chunk in walk_chunks(png):
+            if chunk.kind == b"IDAT":
+                return None
+            if chunk.kind == b"tEXt":
+                data = png[chunk.data_start : chunk.data_end]
+                if data.startswith(wanted):
+                    return bytes(data[len(wanted) :]).decode("latin-1")
+    except TruncatedPng:
+        return None
     return None
 
 
 def png_size(png: bytes) -> tuple[int, int]:
-    width, height = struct.unpack(">II", png[16:24])
-    return width, height
+    size = png_dimensions(png)
+    if size is None:
+        raise ValueError("not a PNG that starts with IHDR")
+    return size
 
 
 def a1111_parameters(generation: GenerationRequest, image: GeneratedImage, size: tuple[int, int]) -> str:
@@ -85,8 +88,6 @@ def embed_parameters(image: GeneratedImage, generation: GenerationRequest) -> Pn
     """The PNG with its recipe in text chunks: A1111's "parameters", and "backend", "model",
     "provider" and "seed", which a cached answer reads back to say what made it."""
     png = image.png
-    if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
-        raise ValueError("not a PNG that starts with IHDR")
     text = {
         "parameters": a1111_parameters(generation, image, png_size(png)),
         "backend": image.route.backend,
@@ -96,7 +97,7 @@ def embed_parameters(image: GeneratedImage, generation: GenerationRequest) -> Pn
         "Software": "imagegen",
     }
     chunks = b"".join(_text_chunk(keyword, value) for keyword, value in text.items())
-    return PngParts(bytes(png[:_IHDR_END]) + chunks, memoryview(png)[_IHDR_END:])
+    return PngParts(bytes(png[:IHDR_END]) + chunks, memoryview(png)[IHDR_END:])
 
 
 def _text_chunk(keyword: str, text: str) -> bytes:
