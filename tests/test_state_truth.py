@@ -32,7 +32,7 @@ from imagegen.storage import LocalImageStore, is_valid_image_name
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import FakeRouter, make_png
 from tests.redis_server import RedisServer, start_redis
-from tests.servers import Process, start_function, wait_until
+from tests.servers import Process, start_function
 
 LIMIT = 10
 PASSWORD = "truth-Redis-Password-never-shown"
@@ -50,9 +50,9 @@ class Records(logging.Handler):
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
-    holder = {"server": start_redis(tmp_path / "redis.log")}
-    yield holder["server"]
-    holder["server"].stop()
+    started = start_redis(tmp_path / "redis.log")
+    yield started
+    started.stop()
 
 
 @pytest.fixture
