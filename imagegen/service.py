@@ -22,6 +22,7 @@ from imagegen.dispatch import Candidate, Dispatcher
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import Cancelled, StorageError, UpstreamTimeout
 from imagegen.events import ProgressSink, ignore_progress
+from imagegen.images import NotAnImage, check_png, sniff_image_type
 from imagegen.logs import prompt_fingerprint
 from imagegen.png_info import PngParts, embed_parameters, png_size, png_text
 from imagegen.errors import RateLimited
@@ -250,6 +251,12 @@ class GenerationService:
         if hit is None:
             return None
         png, file_path = hit
+        try:  # what storage holds is data, not truth: only a sound PNG becomes an answer
+            if sniff_image_type(png) != "png":
+                raise NotAnImage("not a PNG")
+            check_png(png)
+        except NotAnImage:
+            return None  # generate instead
         route = Route(
             backend=png_text(png, "backend") or backend,
             model=png_text(png, "model") or "",

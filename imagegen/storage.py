@@ -57,6 +57,18 @@ class ImageStore(Protocol):
         ...
 
 
+# What `image_name` and `cache.cached_image_name` make: [A-Za-z0-9-] words, at most one folder
+# before them, no dots. A name read back from anywhere (a single-flight outcome in Redis) is
+# checked against it before it becomes a path or an object name.
+MAX_NAME_CHARS = 200
+_NAME = re.compile(r"(?:[a-z0-9][a-z0-9-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9-]*")
+
+
+def is_valid_image_name(name: object) -> bool:
+    """True for a name this store could have made: nothing that leaves its folder or bucket prefix."""
+    return isinstance(name, str) and len(name) <= MAX_NAME_CHARS and _NAME.fullmatch(name) is not None
+
+
 def image_name(prompt: str, now: datetime | None = None, suffix: str | None = None) -> str:
     """'20261124T211900Z-a-red-fox-3f9a1c2b': sortable by time, readable, unique, and safe.
 
@@ -92,6 +104,7 @@ class LocalImageStore:
 
     def save(self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None) -> str:
         # A local write has no network to wait for: the budget is not needed.
+        _check_name(name)
         path = self._directory / f"{name}.png"
         partial = path.with_name(f".{path.name}.partial")
         try:
@@ -112,6 +125,8 @@ class LocalImageStore:
         return str(path)
 
     def load(self, name: str, budget_seconds: float | None = None) -> tuple[bytes, str] | None:
+        if not is_valid_image_name(name):
+            return None
         path = self._directory / f"{name}.png"
         try:
             return path.read_bytes(), str(path)
@@ -152,6 +167,7 @@ class GcsImageStore:
         self._client_lock = threading.Lock()
 
     def save(self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None) -> str:
+        _check_name(name)
         object_name = f"{self._prefix}{name}.png"
         budget = _budget(budget_seconds, SAVE_BUDGET_SECONDS)
         try:
@@ -178,6 +194,8 @@ class GcsImageStore:
         return f"gs://{self._bucket_name}/{object_name}"
 
     def load(self, name: str, budget_seconds: float | None = None) -> tuple[bytes, str] | None:
+        if not is_valid_image_name(name):
+            return None
         object_name = f"{self._prefix}{name}.png"
         budget = _budget(budget_seconds, LOAD_BUDGET_SECONDS)
         try:
@@ -197,6 +215,12 @@ class GcsImageStore:
 
                 self._bucket = storage.Client().bucket(self._bucket_name)
             return self._bucket
+
+
+def _check_name(name: str) -> None:
+    if not is_valid_image_name(name):
+        # Names are made here, never taken from a caller: this is a bug, not bad input.
+        raise StorageError("the image's name is not one this store makes")
 
 
 def _remove_quietly(path: Path) -> None:

@@ -74,6 +74,7 @@ class Reservation:
     day: int
     counted: bool
     where: str = "memory"
+    epoch: str = ""  # the Redis budget record it was counted in: a refund to another gives nothing
 
 
 class SharedState(Protocol):
@@ -133,6 +134,20 @@ def budget_exhausted(per_caller: bool, limit: int, retry_after: int) -> BudgetEx
         what = f"This function's daily image budget ({limit} images a day for all callers) is spent."
     return BudgetExhausted(
         f"{what} It resets at 00:00 UTC, {when}.",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def budget_unknown(retry_after: int) -> BudgetExhausted:
+    """Today's count was lost (Redis lost its data) and STATE_FAILURE=closed: nobody knows how
+    much of the budget is left, so it is treated as spent until the day that lost it is over.
+    A 429 budget_exhausted, not a 503: clients already wait for Retry-After (midnight) on it,
+    where a 503's short Retry-After would have them retry for the rest of the day."""
+    hours, minutes = divmod(math.ceil(retry_after / 60), 60)
+    when = f"in {hours} h {minutes} min" if hours else f"in {minutes} min"
+    return BudgetExhausted(
+        "This function's count of today's images was lost, so its daily image budget is treated"
+        f" as spent. It resets at 00:00 UTC, {when}.",
         headers={"Retry-After": str(retry_after)},
     )
 

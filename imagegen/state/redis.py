@@ -7,13 +7,24 @@ server's `TIME`, so instances with skewed clocks agree. Keys expire on their own
 one script share one hash tag (`{...}`), so they sit in one slot of a Memorystore cluster:
 
     {imagegen:caller:<h>}:rate                 the caller's token bucket (t: tokens, w: when)
-    {imagegen:budget}:all                      today's images, all callers (d: UTC day, n: count)
-    {imagegen:budget}:caller:<h>               today's images of one caller
+    {imagegen:budget}:all                      the budget record: today's images, all callers
+                                               and each caller's, and the record's epoch
     {imagegen:flight:<h>}:lock / :result       single-flight for one cache key
 
-`<h>` is a hash of the caller or cache key: no caller identity is stored in Redis. The two
-budget counters share one tag because one script checks both; they are small and touched once
-per generated image, so one slot carries them easily.
+`<h>` is a hash of the caller or cache key: no caller identity is stored in Redis.
+
+Redis holds data, not truth. The budget record is one hash with no expiry, so a `volatile-*`
+`maxmemory-policy` (Memorystore's default is volatile-lru) never evicts it and it goes all at
+once or not at all. It carries an epoch, a random token written when the record is created:
+an instance that saw one epoch and then finds none, or another, knows the counts were lost (a
+Redis without persistence restarted, FLUSHALL, an `allkeys-*` eviction). Today's count is then
+unknown, so the record marks today untrusted (`s`, the first day whose count is whole): with
+STATE_FAILURE=closed every budget-spending request is refused until 00:00 UTC; with "open" the
+count starts again from zero and a WARNING says so once. This costs no extra round trip: the
+instance sends the epoch it knows with the one budget script. The rate buckets and single-flight
+keys keep their expiry: losing them refills a bucket or repeats a generation, nothing worse.
+Whatever is read back (a flight's outcome) is checked before use: an image name against the
+store's pattern, a failure against the shape of an error.
 
 Every call is bounded (CALL_TIMEOUT_SECONDS to connect and to answer, no retries). When Redis
 fails, STATE_FAILURE decides: "open" serves that call from this instance's `MemoryState` and logs
@@ -27,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -51,11 +63,13 @@ from imagegen.state.base import (
     RatePolicy,
     Reservation,
     budget_exhausted,
+    budget_unknown,
     flight_error,
     flight_failure,
 )
 from imagegen.state.memory import MemoryState
 from imagegen.state.settings import StateSettings, redact_url
+from imagegen.storage import is_valid_image_name
 
 T = TypeVar("T")
 
@@ -71,9 +85,6 @@ WARN_EVERY_SECONDS = 60.0
 # One per request talking to Redis at the same moment (--concurrency=80 requests share one
 # instance, and each call holds a connection for well under a millisecond).
 MAX_CONNECTIONS = 64
-# Budget counters outlive their day by this much, so a refund just after midnight finds the
-# key and sees that its day is over (then gives nothing back).
-DAY_MARGIN_SECONDS = 3600
 # How long waiters can still read a finished flight's outcome.
 FLIGHT_DONE_TTL_MS = 60_000
 FLIGHT_FAILED_TTL_MS = 10_000
@@ -100,38 +111,56 @@ redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
 return {allowed, string.format('%.6f', tokens)}
 """
 
-# KEYS[1] all callers, KEYS[2] this caller; ARGV limit for all, limit per caller (0: none),
-# margin. Counters carry their UTC day, so a counter from yesterday counts as zero at once,
-# whatever its expiry. Returns {1 | 0 (all spent) | -1 (caller's spent), day, seconds to reset}.
+# KEYS[1] the budget record: a hash of e (epoch), s (first day whose count is whole), d (UTC
+# day of the counts), n (images today, all callers) and c:<h> (images today, one caller); no
+# expiry. ARGV limit for all, limit per caller (0: none), the caller's field, the epoch this
+# instance saw last ('' none), a new epoch, '1' to refuse while today is untrusted.
+# Returns {1 | 0 (all spent) | -1 (caller's spent) | -2 (today's count lost), day, seconds to
+# reset, epoch, first whole day}.
 BUDGET_SCRIPT = """
 local now = tonumber(redis.call('TIME')[1])
 local day = math.floor(now / 86400)
-local limits = {tonumber(ARGV[1]), tonumber(ARGV[2])}
-local spent = {0, 0}
-for i = 1, 2 do
-  local saved = redis.call('HMGET', KEYS[i], 'd', 'n')
-  if tonumber(saved[1]) == day then spent[i] = tonumber(saved[2]) or 0 end
-end
 local reset = (day + 1) * 86400 - now
-if limits[1] > 0 and spent[1] >= limits[1] then return {0, day, reset} end
-if limits[2] > 0 and spent[2] >= limits[2] then return {-1, day, reset} end
-for i = 1, 2 do
-  if limits[i] > 0 then
-    redis.call('HSET', KEYS[i], 'd', day, 'n', spent[i] + 1)
-    redis.call('EXPIREAT', KEYS[i], (day + 1) * 86400 + tonumber(ARGV[3]))
-  end
+local known = ARGV[4]
+local saved = redis.call('HMGET', KEYS[1], 'e', 's', 'd', 'n')
+local epoch, since = saved[1], tonumber(saved[2])
+if not epoch then
+  -- No record: this Redis's first use, or its data is gone. An instance that saw a record knows.
+  epoch = ARGV[5]
+  if known == '' then since = day else since = day + 1 end
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', since)
+  redis.call('PERSIST', KEYS[1])
+elseif known ~= '' and epoch ~= known and (since or 0) <= day then
+  -- Made again since this instance last looked: what was counted before it is gone.
+  since = day + 1
+  redis.call('HSET', KEYS[1], 's', since)
+elseif not since then
+  since = day + 1
+  redis.call('HSET', KEYS[1], 's', since)
 end
-return {1, day, reset}
+if tonumber(saved[3]) ~= day then
+  -- A new day: yesterday's counts, the callers' included, go at once.
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', since, 'd', day, 'n', 0)
+end
+if since > day and ARGV[6] == '1' then return {-2, day, reset, epoch, since} end
+local limits = {tonumber(ARGV[1]), tonumber(ARGV[2])}
+local spent = {tonumber(redis.call('HGET', KEYS[1], 'n')) or 0, 0}
+if limits[2] > 0 then spent[2] = tonumber(redis.call('HGET', KEYS[1], ARGV[3])) or 0 end
+if limits[1] > 0 and spent[1] >= limits[1] then return {0, day, reset, epoch, since} end
+if limits[2] > 0 and spent[2] >= limits[2] then return {-1, day, reset, epoch, since} end
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+if limits[2] > 0 then redis.call('HINCRBY', KEYS[1], ARGV[3], 1) end
+return {1, day, reset, epoch, since}
 """
 
-# KEYS as BUDGET_SCRIPT; ARGV the reservation's day. Gives back only what that day counted.
+# KEYS as BUDGET_SCRIPT; ARGV the reservation's day, its epoch, the caller's field. Gives back
+# only what that day of that record counted.
 REFUND_SCRIPT = """
-for i = 1, 2 do
-  local saved = redis.call('HMGET', KEYS[i], 'd', 'n')
-  if saved[1] == ARGV[1] and (tonumber(saved[2]) or 0) > 0 then
-    redis.call('HINCRBY', KEYS[i], 'n', -1)
-  end
-end
+local saved = redis.call('HMGET', KEYS[1], 'e', 'd', 'n', ARGV[3])
+if saved[1] ~= ARGV[2] or saved[2] ~= ARGV[1] then return 0 end
+if (tonumber(saved[3]) or 0) > 0 then redis.call('HINCRBY', KEYS[1], 'n', -1) end
+if (tonumber(saved[4]) or 0) > 0 then redis.call('HINCRBY', KEYS[1], ARGV[3], -1) end
 return 1
 """
 
@@ -262,6 +291,10 @@ class RedisState:
         self._warned_at = float("-inf")
         self._warn_lock = threading.Lock()
         self._local: SingleFlight[Any] = SingleFlight()
+        self._epoch = ""  # the budget record's epoch as last seen: its change means data was lost
+        self._losses_told: set[tuple[str, int]] = set()
+        self._distrust_told = False
+        self._policy_checked = False
 
     @classmethod
     def from_settings(cls, settings: StateSettings, **options: Any) -> RedisState:
@@ -300,18 +333,32 @@ class RedisState:
         if not (self._daily_limit or self._daily_limit_per_caller):
             return Reservation(caller, int(time.time() // SECONDS_PER_DAY), counted=False, where=self.where)
         try:
-            verdict, day, reset = self._run(
+            verdict, day, reset, epoch, since = self._run(
                 "budget",
-                self._budget_keys(caller),
-                [self._daily_limit, self._daily_limit_per_caller, DAY_MARGIN_SECONDS],
+                [self._budget_key()],
+                [
+                    self._daily_limit,
+                    self._daily_limit_per_caller,
+                    self._caller_field(caller),
+                    self._epoch,
+                    secrets.token_hex(8),
+                    "1" if self._failure == "closed" else "0",
+                ],
             )
         except _Unavailable:
             return self._fallback.reserve(caller)
+        epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        self._epoch = epoch
+        retry_after = max(1, int(reset))
+        if int(since) > int(day):
+            self._count_lost(epoch, int(since))
+        if verdict == -2:
+            raise budget_unknown(retry_after)
         if verdict == 0:
-            raise budget_exhausted(False, self._daily_limit, max(1, int(reset)))
+            raise budget_exhausted(False, self._daily_limit, retry_after)
         if verdict == -1:
-            raise budget_exhausted(True, self._daily_limit_per_caller, max(1, int(reset)))
-        return Reservation(caller, int(day), counted=True, where=self.where)
+            raise budget_exhausted(True, self._daily_limit_per_caller, retry_after)
+        return Reservation(caller, int(day), counted=True, where=self.where, epoch=epoch)
 
     def refund(self, reservation: Reservation) -> None:
         if not reservation.counted:
@@ -320,9 +367,32 @@ class RedisState:
             self._fallback.refund(reservation)
             return
         try:
-            self._run("refund", self._budget_keys(reservation.caller), [reservation.day])
+            self._run(
+                "refund",
+                [self._budget_key()],
+                [reservation.day, reservation.epoch, self._caller_field(reservation.caller)],
+            )
         except (_Unavailable, StateUnavailable):
             pass  # the unit stays spent: the budget errs on the side of the owner's bill
+
+    def _count_lost(self, epoch: str, since: int) -> None:
+        """Says once per loss that today's count is gone, and what this instance does about it."""
+        with self._warn_lock:
+            if (epoch, since) in self._losses_told:
+                return
+            self._losses_told.add((epoch, since))
+        if self._failure == "closed":
+            then = "refusing every image that would count against a daily budget until 00:00 UTC"
+        else:
+            then = "counting again from zero, so today's budget may be exceeded"
+        self._logger.warning(
+            "Shared state at %s lost today's daily image count (a Redis without persistence restarted, "
+            "was flushed, or evicted the budget record); %s (STATE_FAILURE=%s). A hard budget needs "
+            "Redis with persistence or replication (Memorystore Standard tier, RDB or AOF).",
+            self._safe_url,
+            then,
+            self._failure,
+        )
 
     # --- single-flight ----------------------------------------------------------------------
 
@@ -362,13 +432,16 @@ class RedisState:
             if verdict == b"won":
                 return self._win(lock, outcome_key, token, lease_ms, produce), False
             if verdict == b"result":
-                text = outcome.decode()
-                if text.startswith("d:"):
-                    loaded = load(text[2:])
+                read = _read_outcome(outcome)
+                if isinstance(read, str):
+                    loaded = load(read)
                     if loaded is not None:
                         return loaded, True
                     return produce()[0], False  # the stored image is gone: make it again
-                raise flight_error(json.loads(text[2:]))
+                if read is None:
+                    self._distrust("a single-flight outcome")
+                    return produce()[0], False  # not an outcome we could have written
+                raise flight_error(read)
             if self._clock() >= deadline:
                 raise TimeoutError(f"the identical request in flight did not finish within {timeout:g} s")
             self._sleep(min(self._poll_seconds, max(0.0, deadline - self._clock())))
@@ -434,7 +507,60 @@ class RedisState:
                 self._down_until = self._clock() + RETRY_AFTER_SECONDS
             return self._unavailable(error)
         self._failures = 0
+        if not self._policy_checked:
+            self._check_eviction_policy()
         return result
+
+    def _check_eviction_policy(self) -> None:
+        """Once, after the first answer: says whether Redis may evict the budget record.
+
+        It has no expiry, so `noeviction` and every `volatile-*` policy keep it; an `allkeys-*`
+        policy may evict it, and then the day's count is lost (and, closed, the rest of the day
+        refused). Memorystore refuses CONFIG: then this says what the instance needs.
+        """
+        self._policy_checked = True
+        if not (self._daily_limit or self._daily_limit_per_caller):
+            return
+        assert self._client is not None
+        try:
+            answer = self._client.config_get("maxmemory-policy")
+        except FAILURES as error:
+            self._logger.info(
+                "Shared state at %s did not say its maxmemory-policy (%s; Memorystore refuses CONFIG). "
+                "The daily budgets need noeviction or a volatile-* policy (Memorystore's default, "
+                "volatile-lru, is right), never allkeys-*.",
+                self._safe_url,
+                type(error).__name__,
+            )
+            return
+        policies = sorted(_policies(answer))
+        evicting = [policy for policy in policies if policy.startswith("allkeys")]
+        if evicting:
+            self._logger.warning(
+                "Shared state at %s has maxmemory-policy %s, which may evict the daily budget record "
+                "and lose today's count; set noeviction or volatile-lru (Memorystore: gcloud redis "
+                "instances update --update-redis-config maxmemory-policy=volatile-lru).",
+                self._safe_url,
+                ", ".join(evicting),
+            )
+        elif policies:
+            self._logger.info(
+                "Shared state at %s has maxmemory-policy %s, which keeps the daily budget record.",
+                self._safe_url,
+                ", ".join(policies),
+            )
+
+    def _distrust(self, what: str) -> None:
+        """Something read from Redis that this code never writes: said once, then ignored."""
+        if self._distrust_told:
+            return
+        self._distrust_told = True
+        self._logger.warning(
+            "Shared state at %s held %s this function never writes; ignored (is anything else writing "
+            "to this Redis?). Said once.",
+            self._safe_url,
+            what,
+        )
 
     def _unavailable(self, error: BaseException | None) -> Any:
         if error is not None:
@@ -471,9 +597,12 @@ class RedisState:
     def _caller_key(self, caller: str) -> str:
         return "{%s:caller:%s}" % (self._namespace, _digest(caller))
 
-    def _budget_keys(self, caller: str) -> list[str]:
-        tag = "{%s:budget}" % self._namespace
-        return [f"{tag}:all", f"{tag}:caller:{_digest(caller)}"]
+    def _budget_key(self) -> str:
+        return "{%s:budget}:all" % self._namespace
+
+    @staticmethod
+    def _caller_field(caller: str) -> str:
+        return f"c:{_digest(caller)}"
 
     def _flight_keys(self, key: str) -> tuple[str, str]:
         tag = "{%s:flight:%s}" % (self._namespace, _digest(key))
@@ -504,6 +633,72 @@ def _address(client: redis.Redis | redis.RedisCluster) -> str:
     kwargs = client.connection_pool.connection_kwargs
     scheme = "rediss" if client.connection_pool.connection_class is redis.SSLConnection else "redis"
     return f"{scheme}://{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
+
+
+def _policies(answer: Any) -> set[str]:
+    """The maxmemory-policy values in a CONFIG GET answer: one node's dict, or a cluster's
+    dict of them."""
+    found: set[str] = set()
+    if isinstance(answer, dict):
+        for name, value in answer.items():
+            if isinstance(value, dict):
+                found |= _policies(value)
+            elif _text(name) == "maxmemory-policy":
+                found.add(_text(value))
+    return found
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+# The longest outcome this code writes is an error's public parts; anything far longer is not ours.
+MAX_OUTCOME_BYTES = 16_384
+
+
+def _read_outcome(outcome: Any) -> str | dict[str, Any] | None:
+    """A flight's outcome as read back: the stored image's name (checked against the store's
+    pattern, so it can never name another file), the winner's failure (checked to be the
+    shape `flight_failure` writes), or None for anything else."""
+    if not isinstance(outcome, bytes) or len(outcome) > MAX_OUTCOME_BYTES:
+        return None
+    try:
+        text = outcome.decode()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("d:"):
+        return text[2:] if is_valid_image_name(text[2:]) else None
+    if not text.startswith("f:"):
+        return None
+    try:
+        failure = json.loads(text[2:])
+    except ValueError:
+        return None
+    return failure if _is_failure(failure) else None
+
+
+def _is_failure(failure: Any) -> bool:
+    if not isinstance(failure, dict):
+        return False
+    status, code, message, headers = (failure.get(k) for k in ("status", "code", "message", "headers"))
+    return (
+        isinstance(status, int)
+        and 400 <= status <= 599
+        and isinstance(code, str)
+        and re.fullmatch(r"[a-z_]{1,64}", code) is not None
+        and isinstance(message, str)
+        and len(message) <= 2000
+        and isinstance(headers, dict)
+        and all(
+            isinstance(k, str) and isinstance(v, str) and _HEADER_NAME.fullmatch(k) and _HEADER_VALUE.fullmatch(v)
+            for k, v in headers.items()
+        )
+    )
+
+
+# The fields an error may carry back: a token name, and a value without control characters.
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]{0,256}")
 
 
 def _digest(text: str) -> str:
