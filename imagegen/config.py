@@ -43,6 +43,11 @@ MIN_API_KEY_CHARS = 16
 KNOWN_PROVIDERS = ("auto", "hf-inference", "fal-ai", "replicate", "together", "nscale", "wavespeed")
 # How long a client may take to send a request's head (line and headers) once it started.
 DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS = 10.0
+# How long a client may take to send a request's body once its head is in: 64 KiB (the cap)
+# at 6.4 KiB/s, far below any real link.
+DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS = 10.0
+# How long an answer's bytes may wait for the client to take them before the connection is cut.
+DEFAULT_RESPONSE_WRITE_TIMEOUT_SECONDS = 30.0
 DEFAULT_IMAGE_DIR = "/tmp/imagegen"
 DEFAULT_IMAGE_DIR_MAX_FILES = 200
 DEFAULT_IMAGE_PREFIX = "images/"
@@ -103,6 +108,8 @@ class Settings:
     trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN  # as deployed; see load_settings
     log_prompts: bool = False
     request_head_timeout_seconds: float = DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
+    request_body_timeout_seconds: float = DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS
+    response_write_timeout_seconds: float = DEFAULT_RESPONSE_WRITE_TIMEOUT_SECONDS
     log_format: str = "auto"  # json | text | auto (text on a terminal)
     gcp_project: str | None = None
     cache: bool = True
@@ -219,6 +226,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         ),
         log_prompts=parse_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
         request_head_timeout_seconds=request_head_timeout_seconds(environ),
+        request_body_timeout_seconds=request_body_timeout_seconds(environ),
+        response_write_timeout_seconds=response_write_timeout_seconds(environ),
         log_format=parse_choice("LOG_FORMAT", (get("LOG_FORMAT") or "auto").lower(), LOG_FORMATS),
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),
         cache=parse_boolean("CACHE", get("CACHE"), default=True),
@@ -313,6 +322,18 @@ def request_head_timeout_seconds(environ: Mapping[str, str]) -> float:
     """REQUEST_HEAD_TIMEOUT_SECONDS, which main.py needs before the settings exist (gunicorn)."""
     raw = environ.get("REQUEST_HEAD_TIMEOUT_SECONDS", "").strip() or None
     return parse_number("REQUEST_HEAD_TIMEOUT_SECONDS", raw, DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS, 1, 300)
+
+
+def request_body_timeout_seconds(environ: Mapping[str, str]) -> float:
+    """REQUEST_BODY_TIMEOUT_SECONDS, which main.py needs before the settings exist (gunicorn)."""
+    raw = environ.get("REQUEST_BODY_TIMEOUT_SECONDS", "").strip() or None
+    return parse_number("REQUEST_BODY_TIMEOUT_SECONDS", raw, DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS, 1, 300)
+
+
+def response_write_timeout_seconds(environ: Mapping[str, str]) -> float:
+    """RESPONSE_WRITE_TIMEOUT_SECONDS, which main.py needs before the settings exist (gunicorn)."""
+    raw = environ.get("RESPONSE_WRITE_TIMEOUT_SECONDS", "").strip() or None
+    return parse_number("RESPONSE_WRITE_TIMEOUT_SECONDS", raw, DEFAULT_RESPONSE_WRITE_TIMEOUT_SECONDS, 1, 600)
 
 
 def _api_keys(raw: str | None, required: bool) -> tuple[str, ...]:

@@ -53,6 +53,29 @@ class UnsupportedMediaType(ImageGenError):
     code = "unsupported_media_type"
 
 
+# The connection's own errors, answered by the server before the handler runs (imagegen/connections.py).
+
+
+class RequestTimeout(ImageGenError):
+    status = 408
+    code = "request_timeout"
+
+
+class UriTooLong(ImageGenError):
+    status = 414
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(ImageGenError):
+    status = 431
+    code = "headers_too_large"
+
+
+class UnsupportedTransferCoding(ImageGenError):
+    status = 501
+    code = "unsupported_transfer_coding"
+
+
 # --- this deployment ------------------------------------------------------------------------
 
 
