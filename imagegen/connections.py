@@ -423,7 +423,7 @@ class BufferingThreadWorker(gthread.ThreadWorker):
             then(conn)
             return
         deadline = sock.out_deadline or time.monotonic() + self.limits.write_seconds
-        self._watch(conn, selectors.EVENT_WRITE, partial(self._on_writable, then=then), 0, self._drop)
+        self._watch(conn, selectors.EVENT_WRITE, partial(self._on_writable, then=then), 0, self._abandon)
         conn.deadline = deadline
 
     def _on_writable(self, conn: BufferedConn, _fileobj: Any, then: Callable[[BufferedConn], None]) -> None:
@@ -435,6 +435,10 @@ class BufferingThreadWorker(gthread.ThreadWorker):
         if done:
             self._unwatch(conn)
             then(conn)
+
+    def _abandon(self, conn: BufferedConn) -> None:
+        self.log.info("Closed the connection from %s: its client left answer bytes untaken for %g s", conn.client, conn.sock.write_seconds)
+        self._drop(conn)
 
     def _linger(self, conn: BufferedConn) -> None:
         try:
