@@ -414,6 +414,7 @@ class BufferingThreadWorker(gthread.ThreadWorker):
 
     def _flush_then(self, conn: BufferedConn, then: Callable[[BufferedConn], None]) -> None:
         sock = conn.sock
+        sock.setblocking(False)  # a thread left a timeout on it: the poller must never wait in a call
         try:
             done = sock.flush()
         except OSError:
