@@ -438,7 +438,11 @@ class BufferingThreadWorker(gthread.ThreadWorker):
             then(conn)
 
     def _abandon(self, conn: BufferedConn) -> None:
-        self.log.info("Closed the connection from %s: its client left answer bytes untaken for %g s", conn.client, conn.sock.write_seconds)
+        self.log.info(
+            "Closed the connection from %s: its client left answer bytes untaken for %g s",
+            conn.client,
+            conn.sock.write_seconds,
+        )
         self._drop(conn)
 
     def _linger(self, conn: BufferedConn) -> None:
@@ -538,7 +542,9 @@ class BufferingThreadWorker(gthread.ThreadWorker):
             error = _bad_body("The request could not be read.")
         else:
             self.log.exception("Error handling request")
-            error = ImageGenError("Something went wrong on the server. Try again; if it keeps happening, report the request id.")
+            error = ImageGenError(
+                "Something went wrong on the server. Try again; if it keeps happening, report the request id."
+            )
         if error.status < 500:
             self.log.info("Invalid request from %s: %s", addr and addr[0], str(exc)[:200])
         try:
