@@ -5,9 +5,8 @@ import os
 import functions_framework
 
 from imagegen.app import create_handler
-from imagegen.config import DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
 from imagegen.malloc import limit_malloc_arenas
-from imagegen.serving import json_error_pages, limit_request_head_time
+from imagegen.serving import buffer_connections, connection_limits, json_error_pages
 
 limit_malloc_arenas(os.environ)
 # google-cloud-storage (3.17) otherwise starts a background request for bucket metadata with
@@ -15,9 +14,9 @@ limit_malloc_arenas(os.environ)
 os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
 _handler, _settings = create_handler(os.environ)
 # What the server stack answers outside the handler: JSON, not HTML; no thread held forever
-# by a client that sends part of a request head (see imagegen/serving.py).
+# by a client that trickles its request or never reads its answer (see imagegen/serving.py).
 json_error_pages(functions_framework.errorhandler)
-limit_request_head_time(_settings.request_head_timeout_seconds if _settings else DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS)
+buffer_connections(connection_limits(_settings))
 
 
 @functions_framework.http

@@ -36,6 +36,11 @@ DEFAULT_TRUSTED_PROXY_HOPS_ELSEWHERE = 0
 MIN_API_KEY_CHARS = 16
 # How long a client may take to send a request's head (line and headers) once it started.
 DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS = 10.0
+# How long a client may take to send a request's body once its head is in: 64 KiB (the cap)
+# at 6.4 KiB/s, far below any real link.
+DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS = 10.0
+# How long an answer's bytes may wait for the client to take them before the connection is cut.
+DEFAULT_RESPONSE_WRITE_TIMEOUT_SECONDS = 30.0
 DEFAULT_IMAGE_DIR = "/tmp/imagegen"
 DEFAULT_IMAGE_DIR_MAX_FILES = 200
 DEFAULT_IMAGE_PREFIX = "images/"
@@ -82,6 +87,8 @@ class Settings:
     trusted_proxy_hops: int = DEFAULT_TRUSTED_PROXY_HOPS_ON_CLOUD_RUN  # as deployed; see load_settings
     log_prompts: bool = False
     request_head_timeout_seconds: float = DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
+    request_body_timeout_seconds: float = DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS
+    response_write_timeout_seconds: float = DEFAULT_RESPONSE_WRITE_TIMEOUT_SECONDS
     log_format: str = "auto"  # json | text | auto (text on a terminal)
     gcp_project: str | None = None
     cache: bool = True
@@ -173,6 +180,16 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         log_prompts=parse_boolean("LOG_PROMPTS", get("LOG_PROMPTS"), default=False),
         request_head_timeout_seconds=parse_number(
             "REQUEST_HEAD_TIMEOUT_SECONDS", get("REQUEST_HEAD_TIMEOUT_SECONDS"), DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS, 1, 300
+        ),
+        request_body_timeout_seconds=parse_number(
+            "REQUEST_BODY_TIMEOUT_SECONDS", get("REQUEST_BODY_TIMEOUT_SECONDS"), DEFAULT_REQUEST_BODY_TIMEOUT_SECONDS, 1, 300
+        ),
+        response_write_timeout_seconds=parse_number(
+            "RESPONSE_WRITE_TIMEOUT_SECONDS",
+            get("RESPONSE_WRITE_TIMEOUT_SECONDS"),
+            DEFAULT_RESPONSE_WRITE_TIMEOUT_SECONDS,
+            1,
+            600,
         ),
         log_format=parse_choice("LOG_FORMAT", get("LOG_FORMAT"), LOG_FORMATS, default="auto"),
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),

@@ -64,6 +64,27 @@ class RateLimited(ImageGenError):
     # The refusing bucket (an imagegen.state.base.RateDecision), for the RateLimit headers of
     # the 429; None if raised elsewhere.
     decision: object | None = None
+# The connection's own errors, answered by the server before the handler runs (imagegen/connections.py).
+
+
+class RequestTimeout(ImageGenError):
+    status = 408
+    code = "request_timeout"
+
+
+class UriTooLong(ImageGenError):
+    status = 414
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(ImageGenError):
+    status = 431
+    code = "headers_too_large"
+
+
+class UnsupportedTransferCoding(ImageGenError):
+    status = 501
+    code = "unsupported_transfer_coding"
 
 
 # --- this deployment ------------------------------------------------------------------------

@@ -4,26 +4,22 @@ functions-framework answers `/robots.txt` and `/favicon.ico` itself (an HTML 404
 and Flask turns a crash outside the handler into an HTML 500: `json_error_pages` registers JSON
 answers for both, in the API's error shape, through `functions_framework.errorhandler`.
 
-gunicorn's gthread worker, which functions-framework runs, waits up to 5 s for a connection's
-first byte, but once one byte has come it reads the rest of the request head with no time
-limit: a client that sends one byte and stops holds a worker thread for good, and `THREADS`
-such clients stop the instance. functions-framework passes no gunicorn setting through, so
-`limit_request_head_time` puts a socket timeout on reading each request's head (lifted again
-before the handler runs: bodies and answers are the handler's business). A head that does not
-arrive in time closes the connection at once (gunicorn's graceful close would linger 2 s on
-its main thread, waiting for a client that is not sending). Cloud Run's front end forwards only complete requests,
-so deployed functions never see such a client; this protects `./scripts/run-local` and any
-container run without that front end.
-
-gunicorn's own answers to requests it cannot parse (a 400 for a bad request line, a 431 for
-oversized headers) are written before Flask is reached and stay HTML: see the README.
+gunicorn's gthread worker, which functions-framework runs, gives a connection a thread as soon
+as its first byte comes, and the thread blocks reading the head, the body, and writing the
+answer: `THREADS` clients that trickle a request or never read their answer stop the instance.
+functions-framework passes no gunicorn setting through, so `buffer_connections` swaps in
+imagegen/connections.py's worker, which reads whole requests and sends answers in its poller
+under absolute deadlines (REQUEST_HEAD_TIMEOUT_SECONDS, REQUEST_BODY_TIMEOUT_SECONDS,
+RESPONSE_WRITE_TIMEOUT_SECONDS) and answers what it refuses (408, 413, 414, 431, 400, 501) as
+JSON, gunicorn's own parse errors included. Cloud Run's front end forwards only complete
+requests, so deployed functions rarely meet such a client; this protects `./scripts/run-local`
+and any container run without that front end.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +27,8 @@ from typing import Any
 import flask
 from werkzeug.exceptions import HTTPException
 
-from imagegen.config import DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
+from imagegen.config import Settings
+from imagegen.connections import ConnectionLimits
 from imagegen.logs import get_logger
 
 # functions-framework's marker for a crashed execution (its crash_handler sets it on a 500).
@@ -93,55 +90,42 @@ def _answer(status: int, code: str, message: str) -> flask.Response:
     return flask.Response(body, status=status, headers={**_HEADERS, "X-Request-Id": request_id})
 
 
-def limit_request_head_time(seconds: float) -> None:
-    """Give each request head `seconds` (REQUEST_HEAD_TIMEOUT_SECONDS) to arrive in gunicorn's gthread worker.
+def buffer_connections(limits: ConnectionLimits) -> None:
+    """Make gunicorn's gthread worker the one in imagegen/connections.py, with the limits set.
 
     Called from main.py, which functions-framework imports in gunicorn's parent process before
-    the worker is forked, so the worker inherits the patched classes. Calling it again only
-    changes the limit.
+    the arbiter looks the worker class up by name (`gunicorn.workers.gthread.ThreadWorker`).
+    Calling it again only changes the limits. With THREADS=1 gunicorn runs its sync worker
+    instead, and functions-framework's THREADED_TIMEOUT_ENABLED worker is its own subclass of
+    the original: neither is covered.
     """
     try:
         from gunicorn.workers import gthread
     except ImportError:  # not under gunicorn (Windows, Flask's development server)
         return
-    _HeadTimeout.seconds = seconds
-    if getattr(gthread.TConn.init, "_imagegen_head_timeout", False):
+    from imagegen.connections import BufferingThreadWorker
+
+    BufferingThreadWorker.limits = limits
+    if gthread.ThreadWorker is BufferingThreadWorker:
         return
-    conn_init, conn_close = gthread.TConn.init, gthread.TConn.close
-    handle_request = gthread.ThreadWorker.handle_request
-
-    def init(conn) -> None:
-        # handle() calls init() before reading every request head on a connection, kept-alive
-        # ones included (it returns early for those), right after making the socket blocking.
-        conn_init(conn)
-        conn.sock.settimeout(_HeadTimeout.seconds)
-        conn.imagegen_head_deadline = time.monotonic() + _HeadTimeout.seconds
-
-    def handle_request_without_timeout(worker, req, conn):
-        conn.imagegen_head_deadline = None
-        conn.sock.settimeout(None)  # the head is in; gunicorn blocks from here on as before
-        return handle_request(worker, req, conn)
-
-    def close(conn, graceful: bool = False) -> None:
-        # A graceful close lingers up to 2 s for the peer to close too, on gunicorn's main
-        # thread: for a client that stalled sending its head, that is 2 s of no accepting.
-        deadline = getattr(conn, "imagegen_head_deadline", None)
-        if graceful and deadline is not None and time.monotonic() >= deadline:
-            graceful = False
-        conn_close(conn, graceful)
-
-    init._imagegen_head_timeout = True  # type: ignore[attr-defined]
-    gthread.TConn.init = init
-    gthread.TConn.close = close
-    gthread.ThreadWorker.handle_request = handle_request_without_timeout
-    # gunicorn logs a timed-out head as a "Socket error" with a traceback: expected here.
+    gthread.ThreadWorker = BufferingThreadWorker  # type: ignore[misc]
+    # A write that the client stalls past its limit ends the request with a TimeoutError, which
+    # gunicorn logs as a "Socket error" with a traceback: expected here.
     logging.getLogger("gunicorn.error").addFilter(_quiet_head_timeouts)
-
-
-class _HeadTimeout:
-    seconds: float = DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
 
 
 def _quiet_head_timeouts(record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
     return not (isinstance(exc, TimeoutError) and record.getMessage() == "Socket error processing request.")
+
+
+def connection_limits(settings: Settings | None) -> ConnectionLimits:
+    """The limits these settings give; the defaults for a process whose settings are wrong
+    (its handler answers every request with what is wrong)."""
+    if settings is None:
+        return ConnectionLimits()
+    return ConnectionLimits(
+        head_seconds=settings.request_head_timeout_seconds,
+        body_seconds=settings.request_body_timeout_seconds,
+        write_seconds=settings.response_write_timeout_seconds,
+    )

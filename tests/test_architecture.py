@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("imagegen.backends", "imagegen.state", "imagegen.storage", "imagegen.cache", "imagegen.auth", "imagegen.outbound"),
     ("imagegen.catalog", "imagegen.dispatch", "imagegen.capabilities", "imagegen.page", "imagegen.validation"),
     ("imagegen.service",),
-    ("imagegen.streaming", "imagegen.http", "imagegen.serving"),
+    ("imagegen.streaming", "imagegen.http", "imagegen.serving", "imagegen.connections"),
     ("imagegen.doors",),
     ("imagegen.app",),
 )
