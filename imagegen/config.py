@@ -48,8 +48,6 @@ DEFAULT_MAX_PROMPT_CHARS = 2000
 
 # Fixed by the API contract rather than configurable.
 MAX_BODY_BYTES = 64 * 1024
-# Cloud Functions answers at most 32 MB; base64 grows an image by 4/3, so 20 MiB still fits.
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 
 @dataclass(frozen=True)

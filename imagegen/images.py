@@ -26,7 +26,6 @@ from contextlib import contextmanager
 
 from isal import isal_zlib as _inflate
 
-from imagegen.config import MAX_IMAGE_BYTES
 from imagegen.errors import ServerBusy
 from imagegen.imaging import PNG_SIGNATURE, TEXT_CHUNKS, Chunk, TruncatedPng, walk_chunks
 
@@ -125,8 +124,10 @@ def _without(data: bytes, dropped: list[Chunk], end: int) -> bytes:
     return b"".join(pieces)
 
 
+# Cloud Functions answers at most 32 MB; base64 grows an image by 4/3, so 20 MiB still fits.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
 # The largest image accepted from upstream: 32 megapixels, about twice the largest any
-# supported provider makes (Gemini's "4K" at 21:9 is 6336x2688, 17 Mpx; OpenAI's largest is
+# supported backend makes (a "4K" image at 21:9 is 6336x2688, 17 Mpx; another's largest is
 # 3840x2160). It bounds the time spent inflating a PNG (a 1x1-pixel-per-byte bomb cannot make
 # us inflate more than 32 Mpx x 8 bytes), and what Pillow may decode from a JPEG or WebP.
 MAX_IMAGE_PIXELS = 32 * 1024 * 1024
@@ -329,7 +330,7 @@ class DecodeBudget:
 DEFAULT_DECODE_WAIT_SECONDS = 10.0
 # The instance-wide budget, unless set (DECODE_MEMORY_MIB): a quarter of the instance's memory,
 # so that with 1 GiB (the README's deploy) 256 MiB decode at once: a 4096x4096 JPEG, or a
-# 17 Mpx one (Gemini's largest), alone; never the 650 MB a 16383x2000 lossless WebP would take.
+# 17 Mpx one (the largest a backend makes), alone; never the 650 MB a 16383x2000 lossless WebP would take.
 DEFAULT_DECODE_SHARE = 0.25
 _MIN_DEFAULT_BUDGET = 64 * 2**20
 _budget: DecodeBudget | None = None

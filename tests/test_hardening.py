@@ -222,7 +222,12 @@ import zlib  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from imagegen.images import MAX_IMAGE_PIXELS, NotAnImage, check_png, ensure_png  # noqa: E402
-from imagegen.images import _inflated_size  # noqa: E402
+from imagegen.images import _row_layout  # noqa: E402
+
+
+def _inflated_size(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
+    layout = _row_layout(width, height, bits_per_pixel, interlaced)
+    return layout[-1][1] if layout else 0
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

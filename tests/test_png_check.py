@@ -138,7 +138,7 @@ def test_an_upstream_provider_text_chunk_never_reaches_the_stored_file(tmp_path)
     image = GeneratedImage(png=ensure_png(upstream), route=Route("openai", "gpt-image-1"), seed=None)
     parts = embed_parameters(image, GenerationRequest(prompt="a fox"))
     store = LocalImageStore(tmp_path, max_files=10)
-    store.save(parts, "fox.png", ImageMetadata(model="gpt-image-1", prompt="a fox", seed=None))
+    store.save(parts, "fox", ImageMetadata(model="gpt-image-1", prompt="a fox", seed=None))
     (path,) = [p for p in tmp_path.rglob("*") if p.is_file()]
     stored = path.read_bytes()
     assert b"evil-provider" not in stored and b"<html>" not in stored

@@ -21,7 +21,7 @@ import urllib3
 
 from imagegen.backends.base import GenerationContext
 from imagegen.backends.vendor import CallContext, error_for_status
-from imagegen.config import MAX_IMAGE_BYTES
+from imagegen.images import MAX_IMAGE_BYTES
 from imagegen.errors import ServerBusy, UpstreamError, UpstreamTimeout
 
 CONNECT_TIMEOUT_SECONDS = 10.0

@@ -115,7 +115,7 @@ def b64_image(value: Any, where: str) -> bytes:
 
 
 def first_b64_image(answer: Any) -> bytes:
-    """`{"data": [{"b64_json": ...}]}`, the OpenAI-style shape several vendors use."""
+    """`{"data": [{"b64_json": ...}]}`, the images-API shape several vendors use."""
     data = answer.get("data") if isinstance(answer, dict) else None
     first = data[0] if isinstance(data, list) and data else None
     return b64_image(first.get("b64_json") if isinstance(first, dict) else None, "data[0].b64_json")
