@@ -10,22 +10,42 @@ import pytest
 
 from imagegen.config import Settings, load_settings
 from tests.fake_router import FakeRouter
-from tests.servers import REPO_ROOT, Process, start_function, start_storage_emulator
+from tests.servers import (
+    REPO_ROOT,
+    SHELL_SETTINGS,
+    STARTED,
+    Process,
+    group_alive,
+    start_function,
+    start_storage_emulator,
+    stop_group,
+)
 
 TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"
 # The local backend's libraries (requirements-local.txt); tests that run a model skip without them.
 HAVE_DIFFUSERS = all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers", "transformers"))
 # CI installs requirements-local.txt: there a missing library is a failure, never a skip.
 SKIP_WITHOUT_DIFFUSERS = not HAVE_DIFFUSERS and os.environ.get("CI") != "true"
-SETTING_PREFIXES = ("HF_", "HUGGING_FACE", "IMAGE_", "CORS_", "MAX_PROMPT", "STORAGE_EMULATOR", "K_SERVICE", "TRUSTED_PROXY")
 
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests start from no settings at all, whatever the developer's shell exports."""
-    for name in list(os.environ):
-        if name.startswith(SETTING_PREFIXES):
-            monkeypatch.delenv(name)
+    """Tests start from no settings at all, whatever the developer's shell exports: every
+    variable load_settings reads (and the server's own) is removed for the test. Processes a
+    test starts get the same through servers.child_environment."""
+    for name in SHELL_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """At the end of the session, fail if any process (group) the tests started still runs,
+    and stop it, so that no run leaves a server listening behind it."""
+    yield
+    left = [process for process in STARTED if group_alive(process)]
+    for process in left:
+        stop_group(process)
+    assert not left, f"processes left running by the tests: {[p.args for p in left]}"
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,69 @@ from pathlib import Path
 
 import requests
 
+from imagegen.config import setting_variables
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BIN_DIR = Path(sys.executable).parent
+# What the function reads besides its own settings: functions-framework and gunicorn (threads,
+# workers, timeouts) and the Cloud Storage client (the emulator's address).
+SERVER_VARIABLES = frozenset(
+    {"THREADS", "WORKERS", "CLOUD_RUN_TIMEOUT_SECONDS", "THREADED_TIMEOUT_ENABLED", "GUNICORN_CMD_ARGS", "STORAGE_EMULATOR_HOST"}
+)
+# Every variable that changes what a test sees: derived from what load_settings reads, so a
+# setting added to the product is cleared here without anyone remembering to.
+SHELL_SETTINGS = setting_variables() | SERVER_VARIABLES
+# Every process (group) the tests started, for the check at the end of the session.
+STARTED: list[subprocess.Popen] = []
+
+
+def child_environment(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a process a test starts: this one's, less every setting the
+    developer's shell may export (a vendor key, AUTH_MODE, STATE_URL), plus `overrides`."""
+    env = {key: value for key, value in os.environ.items() if key not in SHELL_SETTINGS}
+    env.update(overrides or {})
+    return env
+
+
+def spawn(command: list[str], env: dict[str, str], **options) -> subprocess.Popen:
+    """Popen in a process group of its own, so that `stop_group` reaches whatever it forks
+    (gunicorn's workers, run-local's functions-framework), and recorded for the session check."""
+    process = subprocess.Popen(command, env=env, start_new_session=True, **options)
+    STARTED.append(process)
+    return process
+
+
+def stop_group(process: subprocess.Popen, first: signal.Signals = signal.SIGTERM, grace: float = 10) -> None:
+    """Stop a process started by `spawn` whatever state it is in: `first` to the whole group,
+    a bounded wait for the leader, then SIGKILL to the group. The SIGKILL goes even when the
+    leader did exit: a worker it left behind would otherwise keep listening after the suite."""
+    for sig in (first, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    if process.poll() is None:
+        raise RuntimeError(f"process {process.pid} still running after SIGKILL")
+
+
+def group_alive(process: subprocess.Popen) -> bool:
+    """Whether any process of `process`'s group is still alive (zombies aside)."""
+    if process.poll() is None:
+        return True
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == process.pid:
+            return True
+    return False
 
 
 def free_port() -> int:
@@ -48,14 +109,8 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            # SIGINT is gunicorn's quick shutdown; SIGTERM waits for idle keep-alive connections.
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        # SIGINT is gunicorn's quick shutdown; SIGTERM waits for idle keep-alive connections.
+        stop_group(self.process, signal.SIGINT)
 
 
 def start_process(
@@ -63,9 +118,7 @@ def start_process(
 ) -> Process:
     """Start a server, wait until `ready_path` answers at all, and return it."""
     log_file = open(log_path, "wb")
-    process = subprocess.Popen(
-        command, env=env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-    )
+    process = spawn(command, env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log_file.close()
     server = Process(process, f"http://127.0.0.1:{port}", log_path)
 
@@ -92,10 +145,7 @@ def start_function(env_overrides: dict[str, str], log_path: Path, source: str = 
     """The real function under `functions-framework`, as a user runs it locally (`source`: the
     entry point, relative to the repository)."""
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "IMAGE_", "CORS_"))}
-    env.pop("HUGGING_FACE_API_KEY", None)
-    env.update(env_overrides)
-    env["PYTHONUNBUFFERED"] = "1"
+    env = child_environment({**env_overrides, "PYTHONUNBUFFERED": "1"})
     command = [
         str(BIN_DIR / "functions-framework"),
         "--target=generate_image",
@@ -115,5 +165,5 @@ def start_storage_emulator(log_path: Path) -> Process:
         f"--port={port}",
         "--in-memory",
     ]
-    return start_process(command, dict(os.environ), port, log_path, "/")
+    return start_process(command, child_environment(), port, log_path, "/")
 
