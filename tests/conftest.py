@@ -7,9 +7,11 @@ from pathlib import Path
 
 import functions_framework
 import pytest
+import responses
 
 from imagegen.config import Settings, load_settings
-from tests.fake_router import FakeRouter
+from tests.fake_router import FakeRouter, make_png
+from tests.fakes import FakeClock
 from tests.servers import (
     REPO_ROOT,
     SHELL_SETTINGS,
@@ -22,6 +24,9 @@ from tests.servers import (
 )
 
 TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"
+# Hugging Face's default model, and where a request for it goes with no provider named.
+HF_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+HF_URL = f"https://router.huggingface.co/hf-inference/models/{HF_MODEL}"
 # The local backend's libraries (requirements-local.txt); tests that run a model skip without them.
 HAVE_DIFFUSERS = all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers", "transformers"))
 # CI installs requirements-local.txt: there a missing library is a failure, never a skip.
@@ -54,6 +59,26 @@ def no_local_model_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     backend, even where torch and diffusers are installed (CI installs them). The local
     model's tests name LOCAL_MODEL or BACKENDS, or run their own function process."""
     monkeypatch.setattr("imagegen.backends.registry.local_model_installed", lambda: False)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake clock for retries, backoff and deadlines: sleeping only moves it on."""
+    return FakeClock()
+
+
+@pytest.fixture
+def mocked() -> Iterator[responses.RequestsMock]:
+    """`responses` for this test, nothing registered; an unused registration is no failure."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+@pytest.fixture
+def png_upstream(mocked: responses.RequestsMock) -> responses.RequestsMock:
+    """Hugging Face's default model answers every request with a PNG (on `mocked`)."""
+    mocked.post(HF_URL, body=make_png(), content_type="image/png")
+    return mocked
 
 
 @pytest.fixture

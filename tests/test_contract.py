@@ -4,7 +4,6 @@ import json
 import logging
 
 import pytest
-import responses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openapi_spec_validator import validate
@@ -59,12 +58,6 @@ def test_answer_schemas_match_the_code():
     assert success["backend"]["enum"] == list(BACKENDS)
     preflight = spec()["paths"]["/api/generate-image"]["options"]["responses"]["204"]["headers"]
     assert preflight["Access-Control-Allow-Headers"]["schema"]["const"] == ALLOWED_HEADERS
-
-
-@pytest.fixture
-def mocked():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 def test_real_answers_conform(make_app, mocked):

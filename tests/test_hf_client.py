@@ -18,16 +18,10 @@ from imagegen.domain import GenerationRequest
 from tests.servers import free_port
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import Reply, make_png
-from tests.fakes import FakeClock
 
 MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 URL = f"https://router.huggingface.co/hf-inference/models/{MODEL}"
 REQUEST = GenerationRequest(prompt="a red fox", model=MODEL)
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
 
 
 @pytest.fixture

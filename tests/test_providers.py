@@ -13,7 +13,6 @@ from tests.clients import HuggingFaceClient
 from imagegen.domain import GenerationRequest
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import make_png
-from tests.fakes import FakeClock
 
 ROUTER = "https://router.huggingface.co"
 HUB = "https://huggingface.co"
@@ -30,11 +29,6 @@ def mapping(*entries: tuple[str, str], status: str = "live") -> dict:
             for provider, provider_id in entries
         },
     }
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
 
 
 @pytest.fixture
