@@ -103,7 +103,7 @@ def make_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
     def make(**env: str):
         # Retry timing is tested with a fake clock (test_resilience); here retries would sleep.
-        settings = {"HUGGING_FACE_API_KEY": TEST_TOKEN, "IMAGE_DIR": str(tmp_path / "images"), "HF_MAX_RETRIES": "0", **env}
+        settings = {"HUGGING_FACE_API_KEY": TEST_TOKEN, "IMAGE_DIR": str(tmp_path / "images"), "MAX_RETRIES": "0", **env}
         for name, value in settings.items():
             monkeypatch.setenv(name, value)
         app = functions_framework.create_app(target="generate_image", source=str(REPO_ROOT / "main.py"))

@@ -217,7 +217,7 @@ def test_a_follower_that_waits_too_long_gets_a_504(make_settings, monkeypatch, m
     import imagegen.service
 
     monkeypatch.setattr(imagegen.service, "SINGLE_FLIGHT_GRACE_SECONDS", 0)
-    handler = Handler(make_settings(HF_DEADLINE_SECONDS="1", RATE_LIMIT_PER_MINUTE="0"))
+    handler = Handler(make_settings(DEADLINE_SECONDS="1", RATE_LIMIT_PER_MINUTE="0"))
     monkeypatch.setattr(handler._service._state._flights, "do", lambda *a, **k: (_ for _ in ()).throw(TimeoutError()))
     app = flask.Flask("t")
     app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])

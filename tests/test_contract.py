@@ -127,7 +127,7 @@ def test_request_id_is_echoed_when_sane_and_made_otherwise(make_app, mocked):
 def test_server_timing_and_one_cloud_logging_line(make_app, mocked, capsys):
     mocked.post(URL, status=503, json={"error": "loading"})
     mocked.post(URL, body=make_png(), content_type="image/png")
-    app = make_app(HF_MAX_RETRIES="1", GOOGLE_CLOUD_PROJECT="my-proj", HF_DEADLINE_SECONDS="30")
+    app = make_app(MAX_RETRIES="1", GOOGLE_CLOUD_PROJECT="my-proj", DEADLINE_SECONDS="30")
     capsys.readouterr()
     answer = app.post(
         "/api/generate-image?secret=1",

@@ -366,7 +366,7 @@ def test_image_slots_are_given_back_on_success_and_failure(monkeypatch, make_set
 
     slots = ImageSlots(1)
     app = flask.Flask("t")
-    handler = Handler(make_settings(HF_MAX_RETRIES="0", RATE_LIMIT_PER_MINUTE="0"), slots=slots)
+    handler = Handler(make_settings(MAX_RETRIES="0", RATE_LIMIT_PER_MINUTE="0"), slots=slots)
     app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])
     client = app.test_client()
     mocked.post(URL, json={"error": "busy"}, status=503)

@@ -74,7 +74,7 @@ def test_retryable_statuses_are_retried_with_backoff(mocked, client_for, clock, 
     mocked.post(HF_URL, status=status, json={"error": "busy"})
     mocked.post(HF_URL, status=status, json={"error": "busy"})
     png_reply(mocked)
-    image = client_for(HF_MAX_RETRIES="3").generate(REQUEST)
+    image = client_for(MAX_RETRIES="3").generate(REQUEST)
     assert image.png.startswith(b"\x89PNG")
     assert clock.sleeps == [0.75, 1.5]  # 1 s then 2 s, at the middle of the jitter range
 
@@ -90,7 +90,7 @@ def test_connection_errors_are_retried(mocked, client_for, clock):
 def test_other_4xx_are_never_retried(mocked, client_for, clock, status):
     mocked.post(HF_URL, status=status, json={"error": "no"})
     with pytest.raises(UpstreamError):
-        client_for(HF_MAX_RETRIES="5").generate(REQUEST)
+        client_for(MAX_RETRIES="5").generate(REQUEST)
     assert len(mocked.calls) == 1 and clock.sleeps == []
 
 
@@ -105,14 +105,14 @@ def test_retry_after_and_estimated_time_are_honoured(mocked, client_for, clock):
 def test_retries_stop_after_hf_max_retries(mocked, client_for, clock):
     mocked.post(HF_URL, status=500, json={"error": "boom"})
     with pytest.raises(UpstreamError) as caught:
-        client_for(HF_MAX_RETRIES="2").generate(REQUEST)
+        client_for(MAX_RETRIES="2").generate(REQUEST)
     assert len(mocked.calls) == 3 and caught.value.code == "upstream_unavailable"
 
 
 def test_rate_limit_that_outlasts_the_deadline_answers_429_with_retry_after(mocked, client_for, clock):
     mocked.post(HF_URL, status=429, json={"error": "slow"}, headers={"Retry-After": "300"})
     with pytest.raises(UpstreamError) as caught:
-        client_for(HF_DEADLINE_SECONDS="60").generate(REQUEST)
+        client_for(DEADLINE_SECONDS="60").generate(REQUEST)
     assert (caught.value.status, caught.value.headers) == (429, {"Retry-After": "300"})
     assert clock.sleeps == [] and len(mocked.calls) == 1
 
@@ -121,7 +121,7 @@ def test_every_wait_fits_inside_the_deadline(mocked, client_for, clock):
     mocked.post(HF_URL, status=503, json={"error": "busy"})
     started = clock.now
     with pytest.raises(UpstreamError):
-        client_for(HF_MAX_RETRIES="10", HF_DEADLINE_SECONDS="20").generate(REQUEST)
+        client_for(MAX_RETRIES="10", DEADLINE_SECONDS="20").generate(REQUEST)
     # 1.5 + 3 + 6 = 10.5 s of waiting; the next 12 s wait would leave under 2 s for a try.
     assert clock.sleeps == [0.75, 1.5, 3.0, 6.0]
     assert clock.now - started < 20
@@ -136,7 +136,7 @@ def test_each_attempt_timeout_is_bounded_by_what_is_left(mocked, client_for, clo
 
     mocked.add_callback(responses.POST, HF_URL, callback=record)
     with pytest.raises(UpstreamError):
-        client_for(HF_TIMEOUT_SECONDS="120", HF_DEADLINE_SECONDS="30", HF_MAX_RETRIES="1").generate(REQUEST)
+        client_for(HF_TIMEOUT_SECONDS="120", DEADLINE_SECONDS="30", MAX_RETRIES="1").generate(REQUEST)
     assert seen[0] == (10.0, 30.0)
     assert seen[1] == (10.0, 30.0 - 0.75)
 
@@ -183,7 +183,7 @@ def test_failover_after_retries_on_5xx_and_errors_name_all_tried(mocked, client_
     mocked.post(HF_URL, status=503, json={"error": "busy"})
     mocked.post(f"{ROUTER}/together/v1/images/generations", status=500, json={"error": "down"})
     with pytest.raises(UpstreamError) as caught:
-        client_for(HF_PROVIDER="auto", HF_MAX_RETRIES="1").generate(AUTO)
+        client_for(HF_PROVIDER="auto", MAX_RETRIES="1").generate(AUTO)
     urls = [c.request.url for c in mocked.calls]
     assert urls.count(HF_URL) == 2 and urls.count(f"{ROUTER}/together/v1/images/generations") == 2
     assert "provider together" in caught.value.message and "Also tried: hf-inference (HF status 503)" in caught.value.message

@@ -34,7 +34,7 @@ def raw_exchange(url: str, request: bytes, half_close: bool = False, timeout: fl
 @pytest.fixture
 def function(run_function, router, tmp_path):
     return run_function(
-        HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, IMAGE_DIR=str(tmp_path / "images"), HF_MAX_RETRIES="0"
+        HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, IMAGE_DIR=str(tmp_path / "images"), MAX_RETRIES="0"
     )
 
 
