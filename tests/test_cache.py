@@ -16,6 +16,7 @@ from imagegen.cache import SingleFlight, cache_key, cached_image_name
 from imagegen.config import load_settings
 from imagegen.http import Handler
 from imagegen.domain import GenerationRequest
+from tests.clients import HuggingFaceClient
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import Reply, make_png
 from tests.servers import wait_until
@@ -178,7 +179,7 @@ def test_identical_requests_in_flight_make_one_upstream_call(make_settings, rout
     wait_until(lambda: len(router.posts()) == 1, 10, "the first request to reach the router")
     for thread in threads[1:]:
         thread.start()
-    backend = handler._service._dispatcher.backends["huggingface"]
+    backend = HuggingFaceClient(settings).dispatcher.backends["huggingface"]  # the same, built from the settings
     key = cached_image_name(GenerationRequest(prompt="a red fox", width=256, height=256, seed=42), backend.identity(), MODEL)
     wait_until(lambda: handler._service._state._flights.waiters(key) == 4, 10, "the identical requests to wait")
     held.set()

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from imagegen import streaming
+from tests.clients import HuggingFaceClient
 from tests.conftest import TEST_TOKEN
 from tests.contract import validate_body
 from tests.fake_router import Reply
@@ -372,7 +373,7 @@ def test_a_request_waiting_on_a_cancelled_identical_one_makes_its_own(router, tm
     answers = []
     follower = threading.Thread(target=lambda: answers.append(app.test_client().post("/", json=seeded)))
     follower.start()
-    backend = handler._service._dispatcher.backends["huggingface"]
+    backend = HuggingFaceClient(settings).dispatcher.backends["huggingface"]  # the same, built from the settings
     key = cached_image_name(GenerationRequest(prompt="shared", width=256, height=256, seed=4), backend.identity(), backend.default_model)
     wait_until(lambda: handler._service._state._flights.waiters(key) == 1, 10, "the identical request to wait")
     leader.close()  # its caller leaves during the retry wait
