@@ -15,12 +15,10 @@ from tests.fakes import FakeClock
 from tests.servers import (
     REPO_ROOT,
     SHELL_SETTINGS,
-    STARTED,
     Process,
-    group_alive,
+    left_running,
     start_function,
     start_storage_emulator,
-    stop_group,
 )
 
 TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"
@@ -47,10 +45,8 @@ def nothing_left_running() -> Iterator[None]:
     """At the end of the session, fail if any process (group) the tests started still runs,
     and stop it, so that no run leaves a server listening behind it."""
     yield
-    left = [process for process in STARTED if group_alive(process)]
-    for process in left:
-        stop_group(process)
-    assert not left, f"processes left running by the tests: {[p.args for p in left]}"
+    left = left_running()
+    assert not left, f"processes left running by the tests: {left}"
 
 
 @pytest.fixture(autouse=True)

@@ -26,8 +26,10 @@ SERVER_VARIABLES = frozenset(
 # Every variable that changes what a test sees: derived from what load_settings reads, so a
 # setting added to the product is cleared here without anyone remembering to.
 SHELL_SETTINGS = setting_variables() | SERVER_VARIABLES
-# Every process (group) the tests started, for the check at the end of the session.
+# Every process the tests started (group leaders), and every other member of their groups
+# that stop_group found, as (pid, start time): for the check at the end of the session.
 STARTED: list[subprocess.Popen] = []
+MEMBERS: set[tuple[int, int]] = set()
 
 
 def child_environment(overrides: dict[str, str] | None = None) -> dict[str, str]:
@@ -47,36 +49,66 @@ def spawn(command: list[str], env: dict[str, str], **options) -> subprocess.Pope
 
 
 def stop_group(process: subprocess.Popen, first: signal.Signals = signal.SIGTERM, grace: float = 10) -> None:
-    """Stop a process started by `spawn` whatever state it is in: `first` to the whole group,
-    a bounded wait for the leader, then SIGKILL to the group. The SIGKILL goes even when the
-    leader did exit: a worker it left behind would otherwise keep listening after the suite."""
-    for sig in (first, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    if process.poll() is None:
-        raise RuntimeError(f"process {process.pid} still running after SIGKILL")
+    """Stop a process started by `spawn` and everything in its group: `first` to the group, a
+    bounded wait for the leader, then SIGKILL to the group, which reaches a worker the leader
+    left behind even when the leader did exit.
+
+    The leader is reaped only after the SIGKILL: until then its pid, and so the group id, cannot
+    be given to another process (pids wrap around quickly on a busy machine). A leader already
+    reaped elsewhere is left alone for the same reason."""
+    if process.returncode is not None:
+        return
+    _signal_group(process.pid, first)
+    deadline = time.monotonic() + grace
+    while not _exited(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    MEMBERS.update(_group_members(process.pid))
+    _signal_group(process.pid, signal.SIGKILL)
+    process.wait(timeout=grace)
 
 
-def group_alive(process: subprocess.Popen) -> bool:
-    """Whether any process of `process`'s group is still alive (zombies aside)."""
-    if process.poll() is None:
-        return True
+def left_running() -> list[str]:
+    """What the tests started that still runs: leaders never stopped, members that outlived
+    their group's SIGKILL."""
+    left = [f"{process.pid}: {process.args}" for process in STARTED if process.poll() is None]
+    left += [f"{pid}: group member" for pid, started in sorted(MEMBERS) if _started_at(pid) == started]
+    return left
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _exited(pid: int) -> bool:
+    """Whether the child `pid` has exited, without reaping it."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first), or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _started_at(pid: int) -> int | None:
+    """The start time of a live (not zombie) process: with its pid, it names one process."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields and fields[0] != "Z" else None
+
+
+def _group_members(pgid: int) -> set[tuple[int, int]]:
+    members = set()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == process.pid:
-            return True
-    return False
+        if entry.name.isdigit() and int(entry.name) != pgid:
+            fields = _stat(int(entry.name))
+            if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+                members.add((int(entry.name), int(fields[19])))
+    return members
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from imagegen.config import ConfigurationError, load_settings, setting_variables
-from tests.servers import REPO_ROOT, child_environment, group_alive, spawn, stop_group, wait_until
+from tests.servers import MEMBERS, REPO_ROOT, child_environment, left_running, spawn, stop_group, wait_until
 
 # What a developer may well have exported while working on a backend or on shared state.
 SHELL = {
@@ -90,8 +90,9 @@ def test_stopping_a_process_stops_everything_in_its_group(tmp_path):
     try:
         stop_group(process, signal.SIGINT, grace=1)
         assert process.returncode is not None
-        assert not group_alive(process)
+        assert child in {pid for pid, _ in MEMBERS}  # found in the group, and SIGKILLed
         wait_until(lambda: not pid_running(child), 5, "the child to be gone")
+        assert not any(line.startswith(f"{child}:") for line in left_running())
     finally:
         try:
             os.kill(child, signal.SIGKILL)
