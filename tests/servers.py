@@ -58,6 +58,15 @@ def stop_group(process: subprocess.Popen, first: signal.Signals = signal.SIGTERM
     reaped elsewhere is left alone for the same reason."""
     if process.returncode is not None:
         return
+    if os.getpgid(process.pid) != process.pid:
+        # Not started by spawn (a test's own Popen): it has no group to stop; stop it alone.
+        process.send_signal(first)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=grace)
+        return
     _signal_group(process.pid, first)
     deadline = time.monotonic() + grace
     while not _exited(process.pid) and time.monotonic() < deadline:
