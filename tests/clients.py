@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import requests
 
 from imagegen.backends.base import GenerationContext
@@ -13,6 +14,7 @@ from imagegen.app import create_backends
 from imagegen.config import Settings
 from imagegen.dispatch import Dispatcher
 from imagegen.domain import Attempt, GeneratedImage, GenerationRequest
+from imagegen.errors import UpstreamError
 from imagegen.retry import Timing
 from imagegen.slots import Slot
 
@@ -85,3 +87,14 @@ def handler_with_parts(settings: Settings):
     dispatcher = Dispatcher(create_backends(settings, new_session()), settings.max_retries)
     state = make_state(settings.state)
     return build_handler(settings, Parts(dispatcher=dispatcher, state=state)), dispatcher, state
+
+
+# A request for Hugging Face's default model.
+DEFAULT_REQUEST = GenerationRequest(prompt="a red fox", model="stabilityai/stable-diffusion-3-medium-diffusers")
+
+
+def generate_error(client: HuggingFaceClient | BackendsClient, request: GenerationRequest = DEFAULT_REQUEST) -> UpstreamError:
+    """The UpstreamError a generation ends in (fails the test if it ends in an image)."""
+    with pytest.raises(UpstreamError) as caught:
+        client.generate(request)
+    return caught.value

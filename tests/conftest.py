@@ -7,25 +7,46 @@ from pathlib import Path
 
 import functions_framework
 import pytest
+import responses
 
 from imagegen.config import Settings, load_settings
-from tests.fake_router import FakeRouter
-from tests.servers import REPO_ROOT, Process, start_function, start_storage_emulator
+from tests.fake_router import FakeRouter, make_png
+from tests.fakes import FakeClock
+from tests.servers import (
+    REPO_ROOT,
+    SHELL_SETTINGS,
+    Process,
+    left_running,
+    start_function,
+    start_storage_emulator,
+)
 
 TEST_TOKEN = "hf_TestTokenThatMustNeverLeak0123456789"
+# Hugging Face's default model, and where a request for it goes with no provider named.
+HF_MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
+HF_URL = f"https://router.huggingface.co/hf-inference/models/{HF_MODEL}"
 # The local backend's libraries (requirements-local.txt); tests that run a model skip without them.
 HAVE_DIFFUSERS = all(importlib.util.find_spec(name) is not None for name in ("torch", "diffusers", "transformers"))
 # CI installs requirements-local.txt: there a missing library is a failure, never a skip.
 SKIP_WITHOUT_DIFFUSERS = not HAVE_DIFFUSERS and os.environ.get("CI") != "true"
-SETTING_PREFIXES = ("HF_", "HUGGING_FACE", "IMAGE_", "CORS_", "MAX_PROMPT", "STORAGE_EMULATOR", "K_SERVICE", "TRUSTED_PROXY")
 
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests start from no settings at all, whatever the developer's shell exports."""
-    for name in list(os.environ):
-        if name.startswith(SETTING_PREFIXES):
-            monkeypatch.delenv(name)
+    """Tests start from no settings at all, whatever the developer's shell exports: every
+    variable load_settings reads (and the server's own) is removed for the test. Processes a
+    test starts get the same through servers.child_environment."""
+    for name in SHELL_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """At the end of the session, fail if any process (group) the tests started still runs,
+    and stop it, so that no run leaves a server listening behind it."""
+    yield
+    left = left_running()
+    assert not left, f"processes left running by the tests: {left}"
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +55,26 @@ def no_local_model_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     backend, even where torch and diffusers are installed (CI installs them). The local
     model's tests name LOCAL_MODEL or BACKENDS, or run their own function process."""
     monkeypatch.setattr("imagegen.backends.registry.local_model_installed", lambda: False)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake clock for retries, backoff and deadlines: sleeping only moves it on."""
+    return FakeClock()
+
+
+@pytest.fixture
+def mocked() -> Iterator[responses.RequestsMock]:
+    """`responses` for this test, nothing registered; an unused registration is no failure."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+@pytest.fixture
+def png_upstream(mocked: responses.RequestsMock) -> responses.RequestsMock:
+    """Hugging Face's default model answers every request with a PNG (on `mocked`)."""
+    mocked.post(HF_URL, body=make_png(), content_type="image/png")
+    return mocked
 
 
 @pytest.fixture
@@ -58,7 +99,7 @@ def make_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 
     def make(**env: str):
         # Retry timing is tested with a fake clock (test_resilience); here retries would sleep.
-        settings = {"HUGGING_FACE_API_KEY": TEST_TOKEN, "IMAGE_DIR": str(tmp_path / "images"), "HF_MAX_RETRIES": "0", **env}
+        settings = {"HUGGING_FACE_API_KEY": TEST_TOKEN, "IMAGE_DIR": str(tmp_path / "images"), "MAX_RETRIES": "0", **env}
         for name, value in settings.items():
             monkeypatch.setenv(name, value)
         app = functions_framework.create_app(target="generate_image", source=str(REPO_ROOT / "main.py"))

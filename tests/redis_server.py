@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.servers import free_port, wait_until
+from tests.servers import child_environment, free_port, spawn, stop_group, wait_until
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -31,13 +31,7 @@ class RedisServer:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_group(self.process)
 
 
 def start_redis(log_path: Path, port: int | None = None, password: str | None = None, cluster: bool = False) -> RedisServer:
@@ -58,7 +52,7 @@ def start_redis(log_path: Path, port: int | None = None, password: str | None = 
         command += ["--cluster-enabled", "yes", "--cluster-port", str(free_port())]
         command += ["--cluster-config-file", str(log_path.with_suffix(".nodes.conf"))]
     log_file = open(log_path, "ab")
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    process = spawn(command, child_environment(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log_file.close()
     server = RedisServer(port, process, log_path)
 

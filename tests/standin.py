@@ -10,7 +10,10 @@ the vendor's refusal), and, on a *scripted* route (the generation call), takes t
 - `Reply()` (body None) lets the route build its normal answer; `plan` carries a
   vendor-specific instruction for it (Replicate's polling, Stability's CONTENT_FILTERED);
 - `hold=True` keeps the request until `release()`; `hold_seconds` delays it (also cut
-  short by `release()` or `stop()`), so tests can make a vendor slow without sleeping.
+  short by `release()` or `stop()`), so tests can make a vendor slow without sleeping;
+  `release=Event()` holds this one request until the test sets that event (or `stop()`);
+- `cut_after=N` declares the whole body but sends N bytes of it, waits for `release` (if
+  any) and closes: a connection that drops, or stalls, half-way through an image.
 
 Tests read `requests` (every `ReceivedRequest`, CDN and polling included) or `calls()` (the
 scripted route only). `publish()` puts bytes on the unauthenticated `/cdn/` path.
@@ -76,6 +79,8 @@ class Reply:
     plan: Any = None  # for the route's normal answer: a vendor-specific instruction
     hold: bool = False  # wait for release() (at most MAX_HOLD_SECONDS)
     hold_seconds: float = 0.0  # wait this long first (release() or stop() cuts it short)
+    release: threading.Event | None = None  # hold until the test sets it (stop() sets it too)
+    cut_after: int | None = None  # send only this many bytes of the body, then close
 
 
 @dataclass
@@ -104,6 +109,8 @@ class Answer:
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    cut_after: int | None = None  # see Reply.cut_after
+    release: threading.Event | None = None
 
 
 def json_answer(payload: Any, status: int = 200, headers: dict[str, str] | None = None,
@@ -132,6 +139,7 @@ class StandIn:
         self._release = threading.Event()
         self._stopping = threading.Event()
         self._holding = 0
+        self._held: list[threading.Event] = []  # every Reply.release waited on, set by stop()
         self._cdn: dict[str, tuple[bytes, str]] = {}
         self._ids = itertools.count(1)
         self._routes = [(method, re.compile(pattern), *rest) for method, pattern, *rest in self.routes()]
@@ -163,6 +171,10 @@ class StandIn:
     def stop(self) -> None:
         self._stopping.set()
         self._release.set()
+        with self._lock:
+            held = list(self._held)
+        for event in held:
+            event.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
@@ -212,7 +224,8 @@ class StandIn:
             return self._replies.popleft() if self._replies else Reply()
 
     def _wait(self, reply: Reply) -> None:
-        if not (reply.hold or reply.hold_seconds):
+        held = reply.release if reply.cut_after is None else None  # a cut answer waits mid-body
+        if not (reply.hold or reply.hold_seconds or held):
             return
         with self._lock:
             self._holding += 1
@@ -221,9 +234,18 @@ class StandIn:
                 self._release.wait(reply.hold_seconds)
             if reply.hold:
                 self._release.wait(MAX_HOLD_SECONDS)
+            if held is not None:
+                self._wait_for(held)
         finally:
             with self._lock:
                 self._holding -= 1
+
+    def _wait_for(self, event: threading.Event) -> None:
+        with self._lock:
+            self._held.append(event)
+            if self._stopping.is_set():
+                event.set()
+        event.wait(MAX_HOLD_SECONDS)
 
     def _answer(self, request: ReceivedRequest) -> Answer:
         if request.method == "GET" and request.path.startswith("/cdn/"):
@@ -246,11 +268,13 @@ class StandIn:
             if reply.body is None:
                 answer = handler(request, match, reply)
                 answer.headers.update(reply.headers)
-                return answer
-            if isinstance(reply.body, bytes):
-                return Answer(reply.status, reply.body, dict(reply.headers))
-            return json_answer(reply.body, reply.status, reply.headers,
-                               reply.headers.get("Content-Type", "application/json"))
+            elif isinstance(reply.body, bytes):
+                answer = Answer(reply.status, reply.body, dict(reply.headers))
+            else:
+                answer = json_answer(reply.body, reply.status, reply.headers,
+                                     reply.headers.get("Content-Type", "application/json"))
+            answer.cut_after, answer.release = reply.cut_after, reply.release
+            return answer
         return self.not_found(request)
 
     def _handler_class(self):
@@ -280,9 +304,16 @@ class StandIn:
                         self.send_header(name, value)
                     self.send_header("Content-Length", str(len(answer.body)))
                     self.end_headers()
-                    self.wfile.write(answer.body)
+                    if answer.cut_after is None:
+                        self.wfile.write(answer.body)
+                        return
+                    self.wfile.write(answer.body[: answer.cut_after])
+                    self.wfile.flush()
+                    if answer.release is not None:
+                        standin._wait_for(answer.release)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout test)
+                self.close_connection = True
 
             do_GET = do_POST = do_PUT = do_DELETE = _serve
 

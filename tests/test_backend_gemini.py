@@ -17,7 +17,6 @@ from imagegen.errors import ConfigurationError, UpstreamError
 from tests import fake_gemini
 from tests.clients import BackendsClient
 from tests.fake_gemini import FakeGemini, google_error
-from tests.fakes import FakeClock
 from tests.standin import Reply, make_image
 
 KEY = "AIzaSyTestKeyThatMustNeverLeak0123456789"
@@ -29,11 +28,6 @@ FOX = GenerationRequest(prompt="a red fox in the snow")
 def gemini() -> Iterator[FakeGemini]:
     with FakeGemini(KEY) as server:
         yield server
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

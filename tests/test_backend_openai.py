@@ -20,7 +20,6 @@ from tests import fake_openai, fake_stability
 from tests.clients import BackendsClient
 from tests.fake_openai import FakeOpenAI
 from tests.fake_stability import FakeStability
-from tests.fakes import FakeClock
 from tests.standin import Reply, make_image
 
 OPENAI_KEY = "sk-proj-OpenAIKeyThatMustNeverLeak0123456789"
@@ -38,11 +37,6 @@ def openai() -> Iterator[FakeOpenAI]:
 def stability() -> Iterator[FakeStability]:
     with FakeStability(STABILITY_KEY) as server:
         yield server
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

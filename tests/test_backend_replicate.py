@@ -21,7 +21,6 @@ from tests.clients import BackendsClient
 from tests.conftest import TEST_TOKEN
 from tests.fake_replicate import FakeReplicate
 from tests.fake_router import Reply as RouterReply
-from tests.fakes import FakeClock
 from tests.standin import Reply
 
 TOKEN = "r8_ReplicateTokenThatMustNeverLeak42"
@@ -34,11 +33,6 @@ FLUX_LOGS = "Using seed: 7\n  0%|          | 0/4 [00:00<?, ?it/s]\n 25%|██�
 def replicate() -> Iterator[FakeReplicate]:
     with FakeReplicate(TOKEN) as server:
         yield server
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

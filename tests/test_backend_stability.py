@@ -22,7 +22,6 @@ from tests import fake_openai, fake_stability
 from tests.clients import BackendsClient
 from tests.fake_openai import FakeOpenAI
 from tests.fake_stability import FakeStability
-from tests.fakes import FakeClock
 from tests.standin import Reply, make_image
 
 STABILITY_KEY = "sk-StabilityKeyThatMustNeverLeak0123456789"
@@ -34,11 +33,6 @@ PROMPT = "a lighthouse at dusk"
 def stability() -> Iterator[FakeStability]:
     with FakeStability(STABILITY_KEY) as server:
         yield server
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from imagegen.errors import ConfigurationError, UpstreamError
 from tests import fake_gemini
 from tests.clients import BackendsClient
 from tests.fake_gemini import FakeGemini, google_error
-from tests.fakes import FakeClock
 from tests.servers import free_port, wait_until
 
 GEMINI_KEY = "AIzaSyTestKeyThatMustNeverLeak0123456789"
@@ -65,11 +64,6 @@ def use_key_file(path: Path, monkeypatch, token_uri: str, register_with: FakeGem
 def key_file(vertex, service_account, tmp_path, monkeypatch) -> dict:
     """A key file whose token_uri is the stand-in's /token, known to the stand-in."""
     return use_key_file(tmp_path / "service-account.json", monkeypatch, vertex.token_uri, vertex, info=service_account)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ def page(browser):
 
 @pytest.fixture
 def function(run_function, router, tmp_path):
-    return run_function(HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, HF_MAX_RETRIES="0", IMAGE_DIR=str(tmp_path / "images"))
+    return run_function(HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, MAX_RETRIES="0", IMAGE_DIR=str(tmp_path / "images"))
 
 
 def generate(page: Page, prompt: str) -> None:
@@ -282,7 +282,7 @@ def test_retry_and_failover_are_said_in_words(page, run_function, router, tmp_pa
     function = run_function(
         HUGGING_FACE_API_KEY=TEST_TOKEN,
         HF_ROUTER_URL=router.url,
-        HF_MAX_RETRIES="1",
+        MAX_RETRIES="1",
         BACKENDS="huggingface,demo",
         DEMO_STEP_SECONDS="0.1",
         IMAGE_DIR=str(tmp_path),

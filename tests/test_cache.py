@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import uuid
 
@@ -22,6 +23,7 @@ from tests.servers import wait_until
 
 MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 URL = f"https://router.huggingface.co/hf-inference/models/{MODEL}"
+IDENTITY = "huggingface https://router.huggingface.co 0123456789abcdef hf-inference"
 SEEDED = {"prompt": "a red fox", "seed": 42, "width": 256, "height": 256}
 
 
@@ -222,3 +224,16 @@ def test_a_follower_that_waits_too_long_gets_a_504(make_settings, monkeypatch, m
     app.add_url_rule("/", "h", lambda: handler(flask.request), methods=["POST"])
     answer = app.test_client().post("/", json=SEEDED)
     assert answer.status_code == 504 and answer.get_json()["code"] == "upstream_timeout"
+
+
+def test_the_cache_key_of_valid_text_is_unchanged():
+    # Stored images are found by this key: for any valid text it must stay what it was.
+    import hashlib
+
+    generation = GenerationRequest(prompt="a red fox, 東京 🦊", model=MODEL, negative_prompt="blurry", seed=42)
+    recipe = {
+        "v": 2, "backend": IDENTITY, "provider": None, "model": MODEL, "prompt": generation.prompt,
+        "negativePrompt": "blurry", "width": None, "height": None, "steps": None, "guidanceScale": None, "seed": 42,
+    }
+    canonical = json.dumps(recipe, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert cache_key(generation, IDENTITY, MODEL) == hashlib.sha256(canonical.encode()).hexdigest()[:40]

@@ -59,6 +59,9 @@ def test_backends_default_to_those_with_credentials_in_registry_order():
 def test_generic_timing_names_win_over_the_hf_ones():
     settings = load_settings({"HF_TIMEOUT_SECONDS": "5", "DEADLINE_SECONDS": "9", "HF_DEADLINE_SECONDS": "7", "MAX_RETRIES": "1"})
     assert (settings.timeout_seconds, settings.deadline_seconds, settings.max_retries) == (5, 9, 1)
+    # The old names alone still work: the one test that sets them (every other uses the new ones).
+    settings = load_settings({"HF_DEADLINE_SECONDS": "7", "HF_MAX_RETRIES": "2"})
+    assert (settings.deadline_seconds, settings.max_retries) == (7, 2)
 
 
 def test_allowed_models_always_include_the_default_model():

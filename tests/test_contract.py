@@ -4,7 +4,6 @@ import json
 import logging
 
 import pytest
-import responses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openapi_spec_validator import validate
@@ -61,12 +60,6 @@ def test_answer_schemas_match_the_code():
     assert success["backend"]["enum"] == list(BACKENDS)
     preflight = spec()["paths"]["/api/generate-image"]["options"]["responses"]["204"]["headers"]
     assert preflight["Access-Control-Allow-Headers"]["schema"]["const"] == ALLOWED_HEADERS
-
-
-@pytest.fixture
-def mocked():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 def test_real_answers_conform(make_app, mocked):
@@ -136,7 +129,7 @@ def test_request_id_is_echoed_when_sane_and_made_otherwise(make_app, mocked):
 def test_server_timing_and_one_cloud_logging_line(make_app, mocked, capsys):
     mocked.post(URL, status=503, json={"error": "loading"})
     mocked.post(URL, body=make_png(), content_type="image/png")
-    app = make_app(HF_MAX_RETRIES="1", GOOGLE_CLOUD_PROJECT="my-proj", HF_DEADLINE_SECONDS="30")
+    app = make_app(MAX_RETRIES="1", GOOGLE_CLOUD_PROJECT="my-proj", DEADLINE_SECONDS="30")
     capsys.readouterr()
     answer = app.post(
         "/api/generate-image?secret=1",

@@ -58,7 +58,7 @@ def test_errors_and_cors_through_the_real_server(run_function, router, tmp_path)
         HF_ROUTER_URL=router.url,
         IMAGE_DIR=str(tmp_path / "out"),
         CORS_ALLOWED_ORIGINS="http://localhost:5173",
-        HF_MAX_RETRIES="0",
+        MAX_RETRIES="0",
     )
     origin = {"Origin": "http://localhost:5173"}
     preflight = requests.options(f"{function.url}/api/generate-image", headers={**origin, "Access-Control-Request-Method": "POST"}, timeout=10)
@@ -105,7 +105,7 @@ def test_wrong_token_is_reported_as_such(run_function, router, tmp_path):
 
 
 def test_upstream_timeout_is_504_within_the_limit(run_function, router, tmp_path):
-    function = run_function(HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, HF_TIMEOUT_SECONDS="1", HF_MAX_RETRIES="0", IMAGE_DIR=str(tmp_path))
+    function = run_function(HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, HF_TIMEOUT_SECONDS="1", MAX_RETRIES="0", IMAGE_DIR=str(tmp_path))
     router.reply(Reply(hold_seconds=20))
     started = time.monotonic()
     answer = post(function, {"prompt": "x"})
@@ -117,7 +117,7 @@ def test_unreachable_router_is_502(run_function, tmp_path):
     from tests.servers import free_port
 
     function = run_function(
-        HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=f"http://127.0.0.1:{free_port()}", HF_MAX_RETRIES="0", IMAGE_DIR=str(tmp_path)
+        HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=f"http://127.0.0.1:{free_port()}", MAX_RETRIES="0", IMAGE_DIR=str(tmp_path)
     )
     answer = post(function, {"prompt": "x"})
     assert answer.status_code == 502 and answer.json()["code"] == "upstream_unreachable"

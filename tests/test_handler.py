@@ -8,7 +8,6 @@ import logging
 import flask
 import pytest
 import requests
-import responses
 from PIL import Image
 
 from tests.conftest import TEST_TOKEN
@@ -17,12 +16,6 @@ from tests.fake_router import make_png
 MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 ROUTER = "https://router.huggingface.co"
 URL = f"{ROUTER}/hf-inference/models/{MODEL}"
-
-
-@pytest.fixture
-def mocked():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        yield rsps
 
 
 def decode_data_url(url: str) -> bytes:

@@ -13,7 +13,6 @@ from tests.clients import HuggingFaceClient
 from imagegen.domain import GenerationRequest
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import make_png
-from tests.fakes import FakeClock
 
 ROUTER = "https://router.huggingface.co"
 HUB = "https://huggingface.co"
@@ -33,14 +32,9 @@ def mapping(*entries: tuple[str, str], status: str = "live") -> dict:
 
 
 @pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
 def client_for(make_settings, clock):
     def make(provider: str, **env: str) -> HuggingFaceClient:
-        settings = make_settings(HF_MODEL=MODEL, HF_PROVIDER=provider, HF_MAX_RETRIES="0", **env)
+        settings = make_settings(HF_MODEL=MODEL, HF_PROVIDER=provider, MAX_RETRIES="0", **env)
         return HuggingFaceClient(settings, timing=clock.timing())
 
     return make
@@ -181,7 +175,7 @@ def test_wavespeed_polling_stops_at_the_deadline(mocked, client_for, clock):
     mocked.post(f"{ROUTER}/wavespeed/api/v3/wavespeed-ai/flux-schnell", json=wavespeed_task("created"))
     mocked.get(f"{ROUTER}/wavespeed/api/v3/predictions/t1/result", json=wavespeed_task("processing"))
     with pytest.raises(UpstreamError) as caught:
-        client_for("wavespeed", HF_DEADLINE_SECONDS="5").generate(GenerationRequest(prompt="a fox", model=MODEL, provider="wavespeed"))
+        client_for("wavespeed", DEADLINE_SECONDS="5").generate(GenerationRequest(prompt="a fox", model=MODEL, provider="wavespeed"))
     assert caught.value.code == "upstream_timeout"
     assert sum(clock.sleeps) <= 5
 

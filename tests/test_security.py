@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import time
+from collections import OrderedDict
 
 import pytest
 import responses
@@ -15,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from google.auth import crypt, jwt
 
-from imagegen.auth import FIREBASE_CERTS_URL, GOOGLE_CERTS_URL, client_ip
+import imagegen.state.ratelimit
+from imagegen.auth import FIREBASE_CERTS_URL, GOOGLE_CERTS_URL, MAX_CERTS_MAX_AGE_SECONDS, CachingCertsRequest, client_ip
 from imagegen.config import load_settings
 from imagegen.errors import ConfigurationError
 from imagegen.backends.huggingface.providers import PROVIDERS
@@ -353,3 +355,103 @@ def test_log_prompts_true_logs_the_prompt(make_app, mocked, capsys):
     post(make_app(LOG_PROMPTS="true"), body={"prompt": "log me please"})
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert lines[-1]["imagegen"]["prompt"] == "log me please"
+
+
+# --- 13. X-Forwarded-For is believed only where a proxy appends to it --------------------------
+
+@pytest.mark.parametrize(
+    "env, hops",
+    [
+        ({}, 0),  # run locally or in a container of one's own: nothing in front
+        ({"K_SERVICE": "imagegen"}, 1),  # Cloud Run / Cloud Functions gen2: its front end appends
+        ({"K_SERVICE": "imagegen", "TRUSTED_PROXY_HOPS": "2"}, 2),  # an explicit value wins
+        ({"TRUSTED_PROXY_HOPS": "1"}, 1),
+        ({"K_SERVICE": "imagegen", "TRUSTED_PROXY_HOPS": "0"}, 0),
+    ],
+)
+def test_trusted_proxy_hops_default_follows_where_it_runs(env, hops):
+    assert load_settings(env).trusted_proxy_hops == hops
+
+
+def test_locally_a_spoofed_forwarded_for_does_not_reset_the_rate_limit(make_app, mocked):
+    app = make_app(RATE_LIMIT_PER_MINUTE="1", RATE_LIMIT_BURST="2")
+    statuses = [
+        app.post("/", json={"prompt": "x"}, headers={"X-Forwarded-For": f"198.51.100.{n}"}).status_code for n in range(5)
+    ]
+    assert statuses == [200, 200, 429, 429, 429]
+
+
+def test_on_cloud_run_each_forwarded_caller_has_its_own_limit(make_app, mocked):
+    app = make_app(RATE_LIMIT_PER_MINUTE="1", RATE_LIMIT_BURST="2", K_SERVICE="imagegen")
+    statuses = [
+        app.post("/", json={"prompt": "x"}, headers={"X-Forwarded-For": f"198.51.100.{n}"}).status_code for n in range(5)
+    ]
+    assert statuses == [200] * 5
+
+
+# --- the rate limiter's clean-up is O(1) amortised --------------------------------------------
+
+class CountingBuckets(OrderedDict):
+    """Counts the buckets any clean-up looks at."""
+
+    looked_at = 0
+
+    def items(self):
+        for item in super().items():
+            CountingBuckets.looked_at += 1
+            yield item
+
+
+def test_forgetting_idle_callers_looks_at_few_buckets_per_call(monkeypatch):
+    monkeypatch.setattr(imagegen.state.ratelimit, "MAX_TRACKED_CALLERS", 100)
+    limiter = RateLimiter(per_minute=60, burst=1, clock=lambda: 0.0)
+    limiter._buckets = CountingBuckets()
+    CountingBuckets.looked_at = 0
+    for caller in range(2000):  # all active at once: none may be forgotten, none need a look
+        limiter.take(f"c{caller}")
+    assert len(limiter._buckets) == 2000
+    assert CountingBuckets.looked_at <= 2 * 2000  # a scan per call would be about 2 million
+
+
+def test_idle_callers_are_forgotten_least_recently_used_first(monkeypatch):
+    monkeypatch.setattr(imagegen.state.ratelimit, "MAX_TRACKED_CALLERS", 5)
+    now = [0.0]
+    limiter = RateLimiter(per_minute=60, burst=1, clock=lambda: now[0])  # a bucket is full after 1 s
+    for caller, at in (("a", 0.0), ("b", 0.5), ("c", 1.0), ("a", 1.2), ("d", 1.3), ("e", 1.4), ("f", 1.6)):
+        now[0] = at
+        limiter.take(caller)
+    # b was idle for 1.1 s; a was used again at 1.2 s, so it sits behind c now.
+    assert list(limiter._buckets) == ["c", "a", "d", "e", "f"]
+    now[0] = 10.0
+    limiter.take("g")
+    assert list(limiter._buckets) == ["g"]
+
+
+# --- elsewhere: the certificate cache's max-age is untrusted text too ----------------------------
+
+@pytest.mark.parametrize(
+    "cache_control, kept_for",
+    [
+        ("public, max-age=21600", 21600),
+        ("max-age=" + "9" * 400, 3600),  # more digits than any age: ignored, as if absent
+        ("max-age=99999999", MAX_CERTS_MAX_AGE_SECONDS),
+        ("max-age=٣٦٠٠", 3600),  # Arabic-Indic digits: \d matched them
+        ("no-cache", 3600),
+    ],
+)
+def test_a_certificate_answers_max_age_is_bounded(cache_control, kept_for):
+    import types
+
+    import requests as requests_library
+
+    now = [1000.0]
+    fetches = []
+    transport = CachingCertsRequest(requests_library.Session(), clock=lambda: now[0])
+    answer = types.SimpleNamespace(status=200, headers={"Cache-Control": cache_control}, data=b"{}")
+    transport._inner = lambda *args, **kwargs: fetches.append(1) or answer
+    assert transport("https://certs.example/") is answer
+    now[0] += kept_for - 1
+    transport("https://certs.example/")
+    now[0] += 2
+    transport("https://certs.example/")
+    assert len(fetches) == 2  # kept for exactly `kept_for` seconds, then fetched again

@@ -35,7 +35,7 @@ from imagegen.state import (
 from imagegen.state.memory import MemoryState
 from imagegen.state.redis import CALL_TIMEOUT_SECONDS, RedisState, connect
 from tests.redis_server import RedisServer, SlowProxy, start_redis
-from tests.servers import REPO_ROOT
+from tests.servers import REPO_ROOT, child_environment, spawn, stop_group
 
 # One call may take the socket timeout, plus Python and scheduling on a busy test machine.
 CALL_BOUND_SECONDS = CALL_TIMEOUT_SECONDS + 0.1
@@ -193,21 +193,26 @@ def test_the_rate_limit_holds_across_two_instances(server, namespace):
 def run_workers(server: RedisServer, namespace: str, tmp_path: Path, op: str, *args_per_worker: list[str]) -> list[dict]:
     go = tmp_path / f"go-{uuid.uuid4().hex}"
     workers = [
-        subprocess.Popen(
+        spawn(
             [sys.executable, "-m", "tests.state_worker", server.url, namespace, str(go), op, *args],
+            child_environment(),
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         for args in args_per_worker
     ]
-    go.touch()
-    outputs = []
-    for worker in workers:
-        out, err = worker.communicate(timeout=30)
-        assert worker.returncode == 0, err.decode()
-        outputs.append(json.loads(out.decode().strip().splitlines()[-1]))
-    return outputs
+    try:
+        go.touch()
+        outputs = []
+        for worker in workers:
+            out, err = worker.communicate(timeout=30)
+            assert worker.returncode == 0, err.decode()
+            outputs.append(json.loads(out.decode().strip().splitlines()[-1]))
+        return outputs
+    finally:
+        for worker in workers:
+            stop_group(worker)
 
 
 def test_the_rate_limit_holds_across_processes(server, namespace, tmp_path):
@@ -305,8 +310,9 @@ def test_single_flight_across_processes_makes_one_upstream_call(server, namespac
 def test_a_waiter_takes_over_from_a_killed_winner(server, namespace, tmp_path):
     go = tmp_path / "go"
     go.touch()
-    winner = subprocess.Popen(
+    winner = spawn(
         [sys.executable, "-m", "tests.state_worker", server.url, namespace, str(go), "win-and-hang", "owl-7", "0.6"],
+        child_environment(),
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
     )
@@ -334,8 +340,7 @@ def test_a_waiter_takes_over_from_a_killed_winner(server, namespace, tmp_path):
         winner.wait(10)
         waiter.join(10)
     finally:
-        winner.kill()
-        winner.wait(10)
+        stop_group(winner, signal.SIGKILL)
     (result, took), = outcome
     assert result == ("mine", False) and calls == [1]
     assert took < 0.6 + 1.0  # the dead winner's lease, and a little

@@ -2,6 +2,9 @@
 
 import os
 import re
+import socket
+import threading
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -9,8 +12,9 @@ import pytest
 
 from imagegen.errors import StorageError
 from imagegen.png_info import PngParts
-from imagegen.storage import GcsImageStore, ImageMetadata, LocalImageStore, image_name, make_store
+from imagegen.storage import LOAD_BUDGET_SECONDS, GcsImageStore, ImageMetadata, LocalImageStore, image_name, make_store
 from tests.fake_router import make_png
+from tests.servers import free_port
 
 METADATA = ImageMetadata(model="owner/model", prompt="a red fox", seed=7)
 
@@ -115,3 +119,85 @@ def test_gcs_missing_bucket_is_a_storage_error(storage_emulator, monkeypatch):
     with pytest.raises(StorageError) as caught:
         GcsImageStore("no-such-bucket-here", "images/").save(PngParts.of(make_png()), "n", METADATA)
     assert str(caught.value) == "the IMAGE_BUCKET bucket does not exist"
+
+
+# --- 4. Cloud Storage unreachable: storage calls fit a time budget ---------------------------
+
+@pytest.fixture
+def silent_storage(monkeypatch):
+    """A port that accepts connections and never answers: Cloud Storage as seen through a
+    black-holed network. The client is pointed at it as at the emulator."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    yield url
+    stop.set()
+    thread.join(timeout=5)
+    listener.close()
+    for sock in held:
+        sock.close()
+
+
+@pytest.fixture
+def refused_storage(monkeypatch):
+    """A port nothing listens on: Cloud Storage down, or the emulator stopped."""
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    return url
+
+
+def timed(call):
+    started = time.monotonic()
+    try:
+        return call(), time.monotonic() - started
+    except Exception as error:  # noqa: BLE001 - the caller looks at what was raised
+        return error, time.monotonic() - started
+
+
+@pytest.mark.parametrize("unreachable", ["silent_storage", "refused_storage"])
+def test_a_cache_lookup_gives_up_within_its_budget(request, unreachable):
+    url = request.getfixturevalue(unreachable)
+    found, took = timed(lambda: GcsImageStore("images-bucket", "images/").load("seeded/x-1234"))
+    assert found is None
+    assert took < LOAD_BUDGET_SECONDS + 2, took  # was 72 s and more with the client's default retry
+    found, took = timed(lambda: GcsImageStore("images-bucket", "images/").load("seeded/x-1234", budget_seconds=1))
+    assert found is None and took < 3, took
+    assert url  # the fixture pointed the client there
+
+
+@pytest.mark.parametrize("unreachable", ["silent_storage", "refused_storage"])
+def test_a_save_gives_up_within_the_budget_it_is_given_and_says_so_plainly(request, unreachable, capsys):
+    url = request.getfixturevalue(unreachable)
+    error, took = timed(
+        lambda: GcsImageStore("images-bucket", "images/").save(PngParts.of(make_png()), "n", METADATA, budget_seconds=2)
+    )
+    assert isinstance(error, StorageError) and took < 4, (error, took)
+    assert str(error) == "Cloud Storage did not answer in time"
+    # The details are for the operator: in the log, not in the caller's warning.
+    log = capsys.readouterr().out
+    assert "images-bucket/images/n.png" in log and "Storage upload failed" in log
+    port = url.rsplit(":", 1)[1]
+    assert port not in str(error) and "127.0.0.1" not in str(error)
+
+
+def test_a_local_write_failure_does_not_show_the_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the directory should be")
+    with pytest.raises(StorageError) as caught:
+        LocalImageStore(blocker, 3).save(PngParts.of(make_png()), "n", METADATA)
+    assert str(tmp_path) not in str(caught.value) and "IMAGE_DIR" in str(caught.value)

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from imagegen import streaming
+from tests.clients import HuggingFaceClient
 from tests.conftest import TEST_TOKEN
 from tests.contract import validate_body
 from tests.fake_router import Reply
@@ -88,7 +89,7 @@ def test_no_backend_and_no_credentials_answer_plain_json(make_app):
 
 def test_retry_and_stored_events_then_result(make_app, router):
     router.reply_error(503, "Service Unavailable", {"Retry-After": "0"})
-    app = make_app(HF_ROUTER_URL=router.url, HF_MAX_RETRIES="1")
+    app = make_app(HF_ROUTER_URL=router.url, MAX_RETRIES="1")
     answer = app.post("/", json={"prompt": "a fox", "seed": 5}, headers=STREAM)
     events = parse_events(answer.data)
     assert names(events) == ["accepted", "attempt", "retry", "attempt", "stored", "result"]
@@ -239,7 +240,7 @@ def test_events_arrive_as_they_happen_through_functions_framework(run_function, 
 
 def test_a_caller_leaving_during_a_retry_wait_stops_the_retry(run_function, router, tmp_path):
     function = run_function(
-        HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, HF_MAX_RETRIES="2", IMAGE_DIR=str(tmp_path)
+        HUGGING_FACE_API_KEY=TEST_TOKEN, HF_ROUTER_URL=router.url, MAX_RETRIES="2", IMAGE_DIR=str(tmp_path)
     )
     router.reply_error(503, "Service Unavailable", {"Retry-After": "20"})
     sock = open_stream(function.url, {"prompt": "wait for me"})
@@ -301,7 +302,7 @@ def test_openapi_describes_every_event_and_the_capabilities(make_app, router):
     assert tuple(schemas) == streaming.EVENT_NAMES
 
     router.reply_error(503, "Service Unavailable", {"Retry-After": "0"})
-    app = make_app(HF_ROUTER_URL=router.url, HF_MAX_RETRIES="1", BACKENDS="huggingface,demo", DEMO_STEP_SECONDS="0")
+    app = make_app(HF_ROUTER_URL=router.url, MAX_RETRIES="1", BACKENDS="huggingface,demo", DEMO_STEP_SECONDS="0")
     seen = parse_events(app.post("/", json={"prompt": "a fox", "seed": 3}, headers=STREAM).data)
     router.reply_error(402, "You have exceeded your monthly included credits for Inference Providers.")
     seen += parse_events(app.post("/", json={"prompt": "a fox", "backend": "huggingface"}, headers=STREAM).data)
@@ -358,7 +359,7 @@ def test_a_request_waiting_on_a_cancelled_identical_one_makes_its_own(router, tm
     from tests.clients import handler_with_parts
 
     settings = load_settings(
-        {"HUGGING_FACE_API_KEY": TEST_TOKEN, "HF_ROUTER_URL": router.url, "IMAGE_DIR": str(tmp_path), "HF_MAX_RETRIES": "1"}
+        {"HUGGING_FACE_API_KEY": TEST_TOKEN, "HF_ROUTER_URL": router.url, "IMAGE_DIR": str(tmp_path), "MAX_RETRIES": "1"}
     )
     handler, dispatcher, state = handler_with_parts(settings)
     app = flask.Flask("t")

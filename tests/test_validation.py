@@ -3,7 +3,7 @@ import json
 import pytest
 
 from imagegen.errors import InvalidRequest, UnsupportedMediaType
-from imagegen.validation import GenerationRequest, check_content_type, parse_generation_request
+from imagegen.validation import GenerationRequest, check_content_type
 from tests.clients import parse_request
 
 MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -129,3 +129,61 @@ def test_other_content_types_are_415(content_type):
     with pytest.raises(UnsupportedMediaType) as caught:
         check_content_type(content_type)
     assert caught.value.status == 415 and "application/json" in caught.value.message
+
+
+# --- 1. lone UTF-16 surrogates ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b'{"prompt": "x", "model": "\\ud800"}', "model"),
+        (b'{"prompt": "x", "provider": "\\udfff"}', "provider"),
+        (b'{"prompt": "x", "\\udc80": 1}', "\\udc80"),
+        (b'{"prompt": "a \\ud800 fox"}', "prompt"),
+        (b'{"prompt": "x", "negativePrompt": "\\ud83d"}', "negativePrompt"),
+        (b'{"prompt": "x", "model": "\xed\xa0\x80"}', "model"),  # the surrogate as raw bytes
+        (b'{"prompt": "\xed\xb2\x80 fox"}', "prompt"),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_the_field_before_any_upstream_call(make_app, mocked, png_upstream, body, field):
+    answer = make_app().post("/api/generate-image", data=body, content_type="application/json")
+    assert answer.status_code == 400 and answer.mimetype == "application/json"
+    payload = answer.get_json()
+    assert payload["code"] == "invalid_field" and payload["field"] == field
+    assert len(mocked.calls) == 0
+    answer.data.decode("utf-8")  # the answer itself is valid UTF-8
+
+
+def test_a_proper_surrogate_pair_is_just_text(make_settings):
+    request = parse_request('{"prompt": "a fox \\ud83e\\udd8a"}'.encode(), make_settings())
+    assert request.prompt == "a fox \U0001f98a"
+
+
+def test_echoing_a_surrogate_in_an_error_never_raises(make_settings):
+    # The unknown-field and allow-list messages echo what was sent; they must stay encodable.
+    for body in ('{"prompt": "x", "mod\\ud800el": 1}', '{"prompt": "x", "model": "a\\udc00b"}'):
+        with pytest.raises(InvalidRequest) as caught:
+            parse_request(body.encode(), make_settings())
+        json.dumps({"error": caught.value.message, "field": caught.value.field}, ensure_ascii=False).encode("utf-8")
+
+
+# --- 14. whole numbers written as floats ------------------------------------------------------
+
+
+def test_whole_numbers_written_as_floats_are_integers(make_settings):
+    body = b'{"prompt": "x", "steps": 61.0, "height": 728.0, "width": 7.68e2, "seed": 4294967295.0}'
+    request = parse_request(body, make_settings())
+    assert (request.steps, request.height, request.width, request.seed) == (61, 728, 768, 4294967295)
+    assert all(type(value) is int for value in (request.steps, request.height, request.width, request.seed))
+
+
+@pytest.mark.parametrize(
+    "field, raw",
+    [("steps", "61.5"), ("steps", "NaN"), ("steps", "Infinity"), ("steps", "-Infinity"), ("steps", "true"),
+     ("seed", "1e300"), ("seed", "4294967296.0"), ("height", "730.0"), ("width", "2056.0"), ("steps", "0.0")],
+)
+def test_other_floats_stay_refused_for_integer_fields(make_settings, field, raw):
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(f'{{"prompt": "x", "{field}": {raw}}}'.encode(), make_settings())
+    assert caught.value.field == field

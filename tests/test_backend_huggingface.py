@@ -1,10 +1,8 @@
-"""The Hugging Face client against `responses`: the exact request, and every failure mapped."""
+"""The `huggingface` backend against `responses`: the router's wire format, and every failure mapped."""
 
 import base64
 import io
 import json
-import random
-import threading
 
 import pytest
 import requests
@@ -12,13 +10,12 @@ import urllib3
 import responses
 from PIL import Image
 
-from imagegen.errors import ConfigurationError, UpstreamError, UpstreamRateLimited, UpstreamTimeout
-from tests.clients import HuggingFaceClient
+from imagegen.errors import ConfigurationError, UpstreamRateLimited, UpstreamTimeout
+from tests.clients import HuggingFaceClient, generate_error
 from imagegen.domain import GenerationRequest
 from tests.servers import free_port
 from tests.conftest import TEST_TOKEN
-from tests.fake_router import Reply, make_png
-from tests.fakes import FakeClock
+from tests.fake_router import make_png
 
 MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"
 URL = f"https://router.huggingface.co/hf-inference/models/{MODEL}"
@@ -26,19 +23,8 @@ REQUEST = GenerationRequest(prompt="a red fox", model=MODEL)
 
 
 @pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
 def client(make_settings, clock):
-    return HuggingFaceClient(make_settings(HF_MAX_RETRIES="0"), timing=clock.timing())
-
-
-def generate_error(client, request=REQUEST) -> UpstreamError:
-    with pytest.raises(UpstreamError) as caught:
-        client.generate(request)
-    return caught.value
+    return HuggingFaceClient(make_settings(MAX_RETRIES="0"), timing=clock.timing())
 
 
 @responses.activate
@@ -196,7 +182,7 @@ def test_a_200_that_is_not_an_image_is_a_bad_response(client, body, content_type
 
 def test_connection_refused_is_unreachable_and_names_the_host_and_setting(make_settings):
     port = free_port()  # nothing listens there
-    client = HuggingFaceClient(make_settings(HF_ROUTER_URL=f"http://127.0.0.1:{port}", HF_MAX_RETRIES="0"))
+    client = HuggingFaceClient(make_settings(HF_ROUTER_URL=f"http://127.0.0.1:{port}", MAX_RETRIES="0"))
     error = generate_error(client)
     assert (error.code, error.status) == ("upstream_unreachable", 502)
     assert "127.0.0.1" in error.message and "HF_ROUTER_URL" in error.message
@@ -224,53 +210,3 @@ def test_the_token_is_scrubbed_from_echoed_errors(client):
     responses.post(URL, json={"error": f"bad token {TEST_TOKEN}"}, status=401)
     error = generate_error(client)
     assert TEST_TOKEN not in error.message and "[redacted]" in error.message
-
-
-# --- Bodies over a real loopback connection (the stand-in router) ------------------------------
-
-
-@pytest.fixture
-def live_client(make_settings, router):
-    def make(**env: str) -> HuggingFaceClient:
-        return HuggingFaceClient(make_settings(HF_ROUTER_URL=router.url, HF_MAX_RETRIES="0", **env))
-
-    return make
-
-
-@pytest.mark.parametrize("side", [64, 1024])
-def test_a_declared_body_arrives_whole(live_client, router, side):
-    image = live_client().generate(GenerationRequest(prompt="a fox", model=MODEL, width=side, height=side))
-    assert image.png == make_png(side, side)
-
-
-def test_a_body_bigger_than_one_read_is_joined_in_order(live_client, router, monkeypatch):
-    monkeypatch.setattr("imagegen.backends.exchange.READ_BYTES", 1000)
-    out = io.BytesIO()
-    Image.frombytes("RGB", (40, 40), random.Random(7).randbytes(40 * 40 * 3)).save(out, format="PNG")
-    router.image = out.getvalue()
-    assert len(router.image) > 3 * 1000
-    image = live_client().generate(GenerationRequest(prompt="a fox", model=MODEL, width=40, height=40))
-    assert image.png == router.image
-
-
-def test_a_connection_that_breaks_mid_image_is_a_clear_retryable_error(live_client, router):
-    router.reply(Reply(cut_after=5000))
-    error = generate_error(live_client())
-    assert (error.code, error.status, error.retryable) == ("upstream_bad_response", 502, True)
-    assert "broke before the whole answer arrived" in error.message
-
-
-def test_a_body_that_stalls_mid_image_times_out(live_client, router):
-    stalled = threading.Event()
-    router.reply(Reply(cut_after=5000, release=stalled))
-    try:
-        error = generate_error(live_client(HF_TIMEOUT_SECONDS="1"))
-    finally:
-        stalled.set()
-    assert isinstance(error, UpstreamTimeout) and error.status == 504
-
-
-def test_an_empty_error_body_still_names_the_status(live_client, router):
-    router.reply(Reply(503, b"", {"Content-Type": "text/plain"}))
-    error = generate_error(live_client())
-    assert error.status == 502 and "503" in error.message
