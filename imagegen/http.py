@@ -26,7 +26,7 @@ import pybase64
 from imagegen.auth import Authenticator, client_ip, make_authenticator
 from imagegen.config import MAX_BODY_BYTES, Settings, load_settings
 from imagegen.cors import cors_headers, preflight_headers
-from imagegen.backends.exchange import new_session
+from imagegen.outbound import new_session
 from imagegen.backends.registry import create_backends
 from imagegen.capabilities import capabilities_document
 from imagegen.dispatch import Dispatcher

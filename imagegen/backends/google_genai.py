@@ -22,7 +22,7 @@ from urllib.parse import quote
 import pybase64
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.backends.exchange import HttpExchange
+from imagegen.outbound import HttpExchange
 from imagegen.backends.sizes import nearest_aspect_ratio, requested_shape
 from imagegen.backends.vendor import (
     CREDITS,

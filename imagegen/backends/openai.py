@@ -23,7 +23,7 @@ import pybase64
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.backends.exchange import HttpExchange
+from imagegen.outbound import HttpExchange
 from imagegen.backends.sizes import free_size, nearest_size, requested_shape
 from imagegen.backends.vendor import CONTENT_REJECTED, CREDITS, MODEL_NOT_AVAILABLE, CallContext, Vendor, parse_json
 from imagegen.config import BackendSettings, Settings

@@ -33,7 +33,7 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.backends.exchange import BadDownload, HttpExchange
+from imagegen.outbound import BadDownload, HttpExchange
 from imagegen.backends.sizes import free_size, nearest_aspect_ratio, requested_shape
 from imagegen.backends.vendor import CONTENT_REJECTED, MODEL_NOT_AVAILABLE, CallContext, Vendor, clip, parse_json
 from imagegen.config import BackendSettings, Settings, base_url_is_loopback

@@ -25,7 +25,7 @@ from typing import Any
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.backends.exchange import HttpExchange
+from imagegen.outbound import HttpExchange
 from imagegen.backends.sizes import nearest_aspect_ratio, requested_shape
 from imagegen.backends.vendor import CONTENT_REJECTED, CREDITS, MODEL_NOT_AVAILABLE, CallContext, Vendor, clip, parse_json
 from imagegen.config import BackendSettings, Settings

@@ -10,7 +10,7 @@ from __future__ import annotations
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.backends.exchange import BadDownload, HttpExchange
+from imagegen.outbound import BadDownload, HttpExchange
 from imagegen.backends.huggingface.mapping import ProviderMapping
 from imagegen.backends.huggingface.providers import PROVIDERS
 from imagegen.backends.huggingface.providers.base import (
