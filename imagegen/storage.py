@@ -8,6 +8,9 @@ Storage client's default retry runs for up to 120 s, so with the bucket unreacha
 once took 72 to 214 s. A cache `load` gets at most `LOAD_BUDGET_SECONDS`, a `save` at most
 `SAVE_BUDGET_SECONDS`. The warning a caller sees says what kind of failure it was in words of
 our own; the client's error text (hosts, URLs, paths) goes only to the function's log.
+The client sends through the outbound exchange, inside a deadline of that budget: a Cloud
+Storage (or emulator) that trickles its answer, or reads an upload slowly, is cut off at the
+budget's end, and so is the token request of the client's credentials.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Protocol
 
 from imagegen.png_info import PngParts
 
+from imagegen import outbound
 from imagegen.config import Settings
 from imagegen.errors import StorageError
 from imagegen.logs import get_logger
@@ -162,13 +166,14 @@ class GcsImageStore:
                 "prompt": metadata.prompt[:MAX_METADATA_PROMPT_CHARS],
             }
             # if_generation_match=0: never overwrite an object, and makes the upload safe to retry.
-            blob.upload_from_string(
-                png.tobytes(),
-                content_type="image/png",
-                if_generation_match=0,
-                timeout=_timeout(budget),
-                retry=_retry(budget),
-            )
+            with outbound.deadline(budget):
+                blob.upload_from_string(
+                    png.tobytes(),
+                    content_type="image/png",
+                    if_generation_match=0,
+                    timeout=_timeout(budget),
+                    retry=_retry(budget),
+                )
         except Exception as error:  # google-cloud-storage raises many unrelated types
             if type(error).__name__ == "PreconditionFailed":
                 # Another instance stored the same content-addressed image first: it is there.
@@ -182,7 +187,8 @@ class GcsImageStore:
         budget = _budget(budget_seconds, LOAD_BUDGET_SECONDS)
         try:
             blob = self._get_bucket().blob(object_name)
-            data = blob.download_as_bytes(timeout=_timeout(budget), retry=_retry(budget))
+            with outbound.deadline(budget):
+                data = blob.download_as_bytes(timeout=_timeout(budget), retry=_retry(budget))
         except Exception as error:  # NotFound, or storage trouble: either way, generate instead
             if type(error).__name__ != "NotFound":
                 _log_failure("cache lookup", error, f"gs://{self._bucket_name}/{object_name}")
@@ -197,8 +203,21 @@ class GcsImageStore:
                 os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
                 from google.cloud import storage  # ~165 ms: only deployments with a bucket pay
 
-                self._bucket = storage.Client().bucket(self._bucket_name)
+                client = storage.Client()
+                # The client's session is made here, not by the client: our connections (the
+                # deadline held at the socket) and a bounded transport for token refreshes.
+                # `_http_internal` is what the client's own `_http` property fills in lazily.
+                client._http_internal = _session(client._credentials)
+                self._bucket = client.bucket(self._bucket_name)
             return self._bucket
+
+
+def _session(credentials):
+    from google.auth.transport.requests import AuthorizedSession
+
+    session = AuthorizedSession(credentials, auth_request=outbound.google_auth_transport(outbound.new_session(4)))
+    outbound.mount(session, pool_size=64)
+    return session
 
 
 def _remove_quietly(path: Path) -> None:

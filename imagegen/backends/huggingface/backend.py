@@ -84,7 +84,7 @@ class HuggingFaceBackend:
 
     def routes(self, request: GenerationRequest, model: str, context: GenerationContext) -> list[Route]:
         provider = request.provider or self._settings.hf_provider
-        return self._mapping.routes(model, provider, self._require_token(), context.timing.clock)
+        return self._mapping.routes(model, provider, self._require_token(), context.timing.clock, context.time_left())
 
     def generate(self, route: Route, request: GenerationRequest, context: GenerationContext) -> GeneratedImage:
         token = self._require_token()
