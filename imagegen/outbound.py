@@ -94,7 +94,7 @@ class Deadline:
             self._connections.append(connection)
             expired = self.expired
         if expired:
-            _shut(getattr(connection, "sock", None))
+            _shut(_socket_of(connection))
 
     def expire(self) -> None:
         """The watchdog's call: shut every socket down, so any read or write returns at once."""
@@ -102,7 +102,7 @@ class Deadline:
             if self._done:
                 return
             self.expired = True
-            sockets = [getattr(connection, "sock", None) for connection in self._connections]
+            sockets = [_socket_of(connection) for connection in self._connections]
         for sock in sockets:
             _shut(sock)
 
@@ -110,6 +110,10 @@ class Deadline:
         with self._lock:
             self._done = True
             self._connections.clear()
+
+
+def _socket_of(connection: Any) -> Any:
+    return getattr(connection, "watched_sock", None) or getattr(connection, "sock", None)
 
 
 def _shut(sock: Any) -> None:
@@ -273,6 +277,12 @@ class _Connection(urllib3.connection.HTTPConnection):
     def _new_conn(self) -> socket.socket:
         return _open_socket(self)
 
+    def connect(self) -> None:
+        super().connect()
+        # http.client lets go of `sock` when an answer ends by close (the answer reads on);
+        # the watchdog keeps its own reference, to shut down what is really being read.
+        self.watched_sock = self.sock
+
     def request(self, *args: Any, **kwargs: Any) -> None:
         scope = current_deadline()
         if scope is not None:
@@ -283,6 +293,12 @@ class _Connection(urllib3.connection.HTTPConnection):
 class _TlsConnection(urllib3.connection.HTTPSConnection):
     def _new_conn(self) -> socket.socket:
         return _open_socket(self)  # the TLS layer on top still checks the certificate for the name
+
+    def connect(self) -> None:
+        super().connect()
+        # http.client lets go of `sock` when an answer ends by close (the answer reads on);
+        # the watchdog keeps its own reference, to shut down what is really being read.
+        self.watched_sock = self.sock
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         scope = current_deadline()

@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import threading
+import time
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -158,6 +159,7 @@ class GcsImageStore:
     def save(self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None) -> str:
         object_name = f"{self._prefix}{name}.png"
         budget = _budget(budget_seconds, SAVE_BUDGET_SECONDS)
+        ends = time.monotonic() + budget
         try:
             blob = self._get_bucket().blob(object_name)
             blob.metadata = {
@@ -179,6 +181,9 @@ class GcsImageStore:
                 # Another instance stored the same content-addressed image first: it is there.
                 return f"gs://{self._bucket_name}/{object_name}"
             _log_failure("upload", error, f"gs://{self._bucket_name}/{object_name}")
+            if time.monotonic() >= ends:
+                # Cut off at the budget: whatever the client made of the half answer.
+                raise StorageError("Cloud Storage did not answer in time") from None
             raise StorageError(_gcs_failure(error)) from None
         return f"gs://{self._bucket_name}/{object_name}"
 
@@ -187,8 +192,12 @@ class GcsImageStore:
         budget = _budget(budget_seconds, LOAD_BUDGET_SECONDS)
         try:
             blob = self._get_bucket().blob(object_name)
-            with outbound.deadline(budget):
+            with outbound.deadline(budget) as deadline:
                 data = blob.download_as_bytes(timeout=_timeout(budget), retry=_retry(budget))
+            if deadline.expired:
+                # The deadline cut the answer short, and an answer without a length (or a
+                # checksum) looks whole to the client: never serve it as the cached image.
+                raise TimeoutError("the storage budget ran out")
         except Exception as error:  # NotFound, or storage trouble: either way, generate instead
             if type(error).__name__ != "NotFound":
                 _log_failure("cache lookup", error, f"gs://{self._bucket_name}/{object_name}")
