@@ -340,11 +340,10 @@ class DeadlineAdapter(requests.adapters.HTTPAdapter):
     def _send(self, request: requests.PreparedRequest, stream: bool, timeout: Any, **kwargs: Any):
         scope = current_deadline()
         assert scope is not None
-        left = scope.left()
-        if left <= 0 or scope.expired:
+        if scope.expired or scope.left() <= 0:
             raise requests.exceptions.ReadTimeout("the call's deadline has passed", request=request)
-        connect, read = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-        timeout = (min(connect or left, left), min(read or left, left))
+        # The caller's (connect, read) timeouts stand: connecting is bounded by the scope in
+        # _open_socket, and the watchdog ends everything after it.
         return super().send(request, stream=stream, timeout=timeout, **kwargs)
 
 
