@@ -221,6 +221,25 @@ def test_a_slow_cloud_storage_is_cut_at_the_storage_budget(monkeypatch, mode):
     assert loaded is None and load_took < DEADLINE + SLACK, load_took
 
 
+def test_a_slow_front_for_the_real_emulator_is_cut_at_the_budget(storage_emulator, monkeypatch):
+    from urllib.parse import urlsplit
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", storage_emulator.url)
+    from google.cloud import storage
+
+    bucket = storage.Client().create_bucket("outbound-slow-front")
+    GcsImageStore(bucket.name, "").save(PngParts.of(make_png()), "n", ImageMetadata("m", "a fox", 1), budget_seconds=5)
+    emulator = urlsplit(storage_emulator.url)
+    with Trickle("front", interval=0.05, upstream=(emulator.hostname, emulator.port)) as front:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", front.url)
+        store = GcsImageStore(bucket.name, "")
+        png = PngParts.of(make_png())
+        saved, save_took = timed(lambda: store.save(png, "m", ImageMetadata("m", "a fox", 1), budget_seconds=DEADLINE))
+        loaded, load_took = timed(lambda: store.load("n", budget_seconds=DEADLINE))
+    assert isinstance(saved, StorageError) and save_took < DEADLINE + SLACK, (saved, save_took)
+    assert loaded is None and load_took < DEADLINE + SLACK, (loaded, load_took)
+
+
 def test_cloud_storage_still_works_through_the_exchange(storage_emulator, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", storage_emulator.url)
     from google.cloud import storage

@@ -8,6 +8,8 @@ Modes:
   head      the status line and headers trickled, one byte at a time
   bomb      200, Content-Encoding: deflate, 100 MB of zeros in about 100 kB, sent at once
   brotli    200, Content-Encoding: br
+  front     a slow front for a real server (`upstream`, host:port): forwards each request
+            whole, then trickles that server's answer back
 
 Every slow answer stops after `give_up` seconds (the connection is then closed), so a client
 without a deadline still returns, late, and a test that measures it fails instead of hanging.
@@ -28,6 +30,7 @@ class Trickle:
     interval: float = 0.5
     give_up: float = 8.0
     connections: int = 0
+    upstream: tuple[str, int] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> "Trickle":
@@ -65,17 +68,20 @@ class Trickle:
         with conn:
             conn.settimeout(self.give_up)
             try:
-                self._read_request(conn)
-                self._answer(conn)
+                request = self._read_request(conn)
+                if self.mode == "front":
+                    self._drip(conn, self._forward(request))
+                else:
+                    self._answer(conn)
             except OSError:
                 pass  # the client went away: what we wanted
 
-    def _read_request(self, conn: socket.socket) -> None:
+    def _read_request(self, conn: socket.socket) -> bytes:
         data = b""
         while b"\r\n\r\n" not in data:
             piece = conn.recv(65536)
             if not piece:
-                return
+                return data
             data += piece
         head, _, body = data.partition(b"\r\n\r\n")
         for line in head.split(b"\r\n"):
@@ -85,8 +91,22 @@ class Trickle:
                 while left > 0:
                     piece = conn.recv(min(left, 65536))
                     if not piece:
-                        return
+                        break
+                    body += piece
                     left -= len(piece)
+        return head + b"\r\n\r\n" + body
+
+    def _forward(self, request: bytes) -> bytes:
+        """The upstream's whole answer to `request`, asked on a connection of its own."""
+        assert self.upstream is not None
+        head, _, body = request.partition(b"\r\n\r\n")
+        lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
+        with socket.create_connection(self.upstream, timeout=self.give_up) as upstream:
+            upstream.sendall(b"\r\n".join(lines + [b"Connection: close"]) + b"\r\n\r\n" + body)
+            answer = b""
+            while piece := upstream.recv(65536):
+                answer += piece
+        return answer
 
     def _answer(self, conn: socket.socket) -> None:
         if self.mode == "hang":
