@@ -92,6 +92,7 @@ class Deadline:
             if self._done:
                 return
             self._connections.append(connection)
+            connection.deadline_owner = self  # a pooled connection serves one call at a time
             expired = self.expired
         if expired:
             _shut(_socket_of(connection))
@@ -102,7 +103,8 @@ class Deadline:
             if self._done:
                 return
             self.expired = True
-            sockets = [_socket_of(connection) for connection in self._connections]
+            # A connection this call has already given back may be serving another call now.
+            sockets = [_socket_of(c) for c in self._connections if getattr(c, "deadline_owner", None) is self]
         for sock in sockets:
             _shut(sock)
 
