@@ -21,7 +21,7 @@ import requests
 
 from imagegen.auth import Authenticator, make_authenticator
 from imagegen.backends.base import Backend
-from imagegen.backends.exchange import new_session
+from imagegen.outbound import new_session
 from imagegen.backends.registry import BACKENDS
 from imagegen.capabilities import capabilities_document
 from imagegen.catalog import catalog_of

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import requests
 
+from imagegen import outbound
 from imagegen.config import Settings
 from imagegen.errors import Unauthorized
 
@@ -111,13 +112,12 @@ class ApiKeyAuth:
 class CachingCertsRequest:
     """A google-auth transport that keeps certificate answers for their max-age.
 
-    A plain transport fetches Google's certificates on every verification.
+    A plain transport fetches Google's certificates on every verification. Fetches go through
+    the outbound exchange: CERTS_TIMEOUT_SECONDS for the whole call, the answer size capped.
     """
 
     def __init__(self, session: requests.Session, clock: Callable[[], float] = time.monotonic) -> None:
-        from google.auth.transport.requests import Request
-
-        self._inner = Request(session=session)
+        self._inner = outbound.google_auth_transport(session, CERTS_TIMEOUT_SECONDS)
         self._clock = clock
         self._cache: dict[str, tuple[float, Any]] = {}
         self._lock = threading.Lock()
@@ -128,7 +128,8 @@ class CachingCertsRequest:
             cached = self._cache.get(url)
         if method == "GET" and cached and cached[0] > now:
             return cached[1]
-        response = self._inner(url, method=method, body=body, headers=headers, timeout=timeout or CERTS_TIMEOUT_SECONDS, **kwargs)
+        with outbound.deadline(CERTS_TIMEOUT_SECONDS):
+            response = self._inner(url, method=method, body=body, headers=headers, timeout=timeout or CERTS_TIMEOUT_SECONDS, **kwargs)
         if method == "GET" and response.status == 200:
             # Untrusted text like any header: ASCII digits of bounded length (\d takes any
             # script's digits, and thousands of them overflow `now + max_age`), clamped.

@@ -4,7 +4,7 @@ A request takes a slot just before it reads an image body and gives it back once
 is stored; bodies that wait stay in the kernel's socket buffers and the provider's TCP
 window. Sending the answer is outside the slot, so a slow client never holds up others.
 
-The bound is for memory. Now that a body arrives in a few reads (backends/exchange.py), a
+The bound is for memory. Now that a body arrives in a few reads (imagegen/outbound.py), a
 hundred threads reading at once no longer fight over the GIL: the 100-request burst takes the same
 time with 2 or 100 slots. Its peak RSS does not: about 115 MB with 4 slots, 150 MB with 8
 (one worker, bench/run.py).

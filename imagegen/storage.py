@@ -8,6 +8,9 @@ Storage client's default retry runs for up to 120 s, so with the bucket unreacha
 once took 72 to 214 s. A cache `load` gets at most `LOAD_BUDGET_SECONDS`, a `save` at most
 `SAVE_BUDGET_SECONDS`. The warning a caller sees says what kind of failure it was in words of
 our own; the client's error text (hosts, URLs, paths) goes only to the function's log.
+The client sends through the outbound exchange, inside a deadline of that budget: a Cloud
+Storage (or emulator) that trickles its answer, or reads an upload slowly, is cut off at the
+budget's end, and so is the token request of the client's credentials.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import re
 import secrets
 import threading
+import time
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +28,7 @@ from typing import Protocol
 
 from imagegen.png_info import PngParts
 
+from imagegen import outbound
 from imagegen.config import Settings
 from imagegen.errors import StorageError
 from imagegen.logs import get_logger
@@ -170,6 +175,7 @@ class GcsImageStore:
         _check_name(name)
         object_name = f"{self._prefix}{name}.png"
         budget = _budget(budget_seconds, SAVE_BUDGET_SECONDS)
+        ends = time.monotonic() + budget
         try:
             blob = self._get_bucket().blob(object_name)
             blob.metadata = {
@@ -178,18 +184,22 @@ class GcsImageStore:
                 "prompt": metadata.prompt[:MAX_METADATA_PROMPT_CHARS],
             }
             # if_generation_match=0: never overwrite an object, and makes the upload safe to retry.
-            blob.upload_from_string(
-                png.tobytes(),
-                content_type="image/png",
-                if_generation_match=0,
-                timeout=_timeout(budget),
-                retry=_retry(budget),
-            )
+            with outbound.deadline(budget):
+                blob.upload_from_string(
+                    png.tobytes(),
+                    content_type="image/png",
+                    if_generation_match=0,
+                    timeout=_timeout(budget),
+                    retry=_retry(budget),
+                )
         except Exception as error:  # google-cloud-storage raises many unrelated types
             if type(error).__name__ == "PreconditionFailed":
                 # Another instance stored the same content-addressed image first: it is there.
                 return f"gs://{self._bucket_name}/{object_name}"
             _log_failure("upload", error, f"gs://{self._bucket_name}/{object_name}")
+            if time.monotonic() >= ends:
+                # Cut off at the budget: whatever the client made of the half answer.
+                raise StorageError("Cloud Storage did not answer in time") from None
             raise StorageError(_gcs_failure(error)) from None
         return f"gs://{self._bucket_name}/{object_name}"
 
@@ -200,7 +210,12 @@ class GcsImageStore:
         budget = _budget(budget_seconds, LOAD_BUDGET_SECONDS)
         try:
             blob = self._get_bucket().blob(object_name)
-            data = blob.download_as_bytes(timeout=_timeout(budget), retry=_retry(budget))
+            with outbound.deadline(budget) as deadline:
+                data = blob.download_as_bytes(timeout=_timeout(budget), retry=_retry(budget))
+            if deadline.expired:
+                # The deadline cut the answer short, and an answer without a length (or a
+                # checksum) looks whole to the client: never serve it as the cached image.
+                raise TimeoutError("the storage budget ran out")
         except Exception as error:  # NotFound, or storage trouble: either way, generate instead
             if type(error).__name__ != "NotFound":
                 _log_failure("cache lookup", error, f"gs://{self._bucket_name}/{object_name}")
@@ -213,7 +228,12 @@ class GcsImageStore:
                 # main.py sets DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA for the process.
                 from google.cloud import storage  # ~165 ms: only deployments with a bucket pay
 
-                self._bucket = storage.Client().bucket(self._bucket_name)
+                client = storage.Client()
+                # The client's session is made here, not by the client: our connections (the
+                # deadline held at the socket) and a bounded transport for token refreshes.
+                # `_http_internal` is what the client's own `_http` property fills in lazily.
+                client._http_internal = _session(client._credentials)
+                self._bucket = client.bucket(self._bucket_name)
             return self._bucket
 
 
@@ -221,6 +241,12 @@ def _check_name(name: str) -> None:
     if not is_valid_image_name(name):
         # Names are made here, never taken from a caller: this is a bug, not bad input.
         raise StorageError("the image's name is not one this store makes")
+def _session(credentials):
+    from google.auth.transport.requests import AuthorizedSession
+
+    session = AuthorizedSession(credentials, auth_request=outbound.google_auth_transport(outbound.new_session(4)))
+    outbound.mount(session, pool_size=64)
+    return session
 
 
 def _remove_quietly(path: Path) -> None:

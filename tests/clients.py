@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from imagegen.backends.base import GenerationContext
-from imagegen.backends.exchange import new_session
+from imagegen.outbound import new_session
 from imagegen.backends.huggingface.backend import create
 from imagegen.app import create_backends
 from imagegen.config import Settings

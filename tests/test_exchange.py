@@ -30,7 +30,7 @@ def test_a_declared_body_arrives_whole(live_client, router, side):
 
 
 def test_a_body_bigger_than_one_read_is_joined_in_order(live_client, router, monkeypatch):
-    monkeypatch.setattr("imagegen.backends.exchange.READ_BYTES", 1000)
+    monkeypatch.setattr("imagegen.outbound.READ_BYTES", 1000)
     out = io.BytesIO()
     Image.frombytes("RGB", (40, 40), random.Random(7).randbytes(40 * 40 * 3)).save(out, format="PNG")
     router.image = out.getvalue()

@@ -229,8 +229,6 @@ def test_common_error_shapes_from_hugging_face(mocked, client_for, body):
     assert caught.value.code == "upstream_rejected", caught.value.message
 
 
-@pytest.mark.xfail(reason="the Hub lookup is in huggingface/mapping.py, owned by the exchange helper: json() there "
-                          "lets RecursionError through", strict=False)
 def test_deep_json_from_the_hub(mocked, client_for, make_settings):
     mocked.get(f"{HUB}/api/models/{HF_MODEL}", body=DEEP, content_type="application/json")
     mocked.post(f"{ROUTER}{HF_PROVIDERS['hf-inference']}", body=make_png(8, 8), content_type="image/png")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import requests
 
 from imagegen.backends.base import GenerationContext
-from imagegen.backends.exchange import HttpExchange
+from imagegen.outbound import HttpExchange
 from imagegen.backends.google_genai import GenerateContentBackend, classify, message_of, model_path, retry_delay
 from imagegen.backends.toolkit import require_key
 from imagegen.backends.vendor import CallContext, Vendor

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.backends.exchange import HttpExchange
+from imagegen.outbound import HttpExchange
 from imagegen.backends.sizes import nearest_aspect_ratio, requested_shape
 from imagegen.backends.toolkit import Unusable, b64_image, json_object, reading_answer
 from imagegen.backends.vendor import (

@@ -33,7 +33,7 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.backends.exchange import HttpExchange
+from imagegen.outbound import HttpExchange
 from imagegen.backends.sizes import free_size, nearest_aspect_ratio, requested_shape
 from imagegen.backends.toolkit import (
     PollSchedule,

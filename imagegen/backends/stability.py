@@ -23,7 +23,7 @@ from typing import Any
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.backends.exchange import HttpExchange
+from imagegen.outbound import HttpExchange
 from imagegen.backends.sizes import nearest_aspect_ratio, requested_shape
 from imagegen.backends.toolkit import Unusable, b64_image, json_object, reading_answer, require_key
 from imagegen.backends.vendor import CONTENT_REJECTED, CREDITS, MODEL_NOT_AVAILABLE, CallContext, Vendor

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import pybase64
 
 from imagegen.backends.base import GenerationContext
-from imagegen.backends.exchange import BadDownload
+from imagegen.outbound import BadDownload
 from imagegen.backends.vendor import CallContext
 from imagegen.config import BackendSettings
 from imagegen.errors import BadAnswer, ConfigurationError, ImageGenError

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import requests
 
 from imagegen.backends.base import GenerationContext
-from imagegen.backends.exchange import HttpExchange
+from imagegen.outbound import DeadlinePassed, HttpExchange, deadline, google_auth_transport
 from imagegen.backends.google_genai import GenerateContentBackend, classify, message_of, model_path, retry_delay
 from imagegen.backends.vendor import CallContext, Vendor, clip
 from imagegen.config import BackendSettings, Settings
@@ -81,9 +81,12 @@ class Target:
     vendor: Vendor
 
 
-class _DeadlinePassed(Exception):
-    """Raised inside google-auth's token request when the generation has no time left.
-    Not a TransportError, so google-auth's own retry loops let it through at once."""
+class _Refresh:
+    """One token refresh in flight: its waiters wait on `done`, each within its own deadline."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.succeeded = False
 
 
 class AccessTokens:
@@ -93,13 +96,15 @@ class AccessTokens:
     def __init__(self, session: requests.Session, exchange: HttpExchange) -> None:
         self._session = session
         self._exchange = exchange
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held for bookkeeping only, never while a peer is asked
+        self._load_lock = threading.Lock()
+        self._refreshing: _Refresh | None = None
         self._credentials: Any = None
         self.adc_project: str | None = None
 
     def load(self) -> None:
         """Find the credentials (once); ConfigurationError when there are none."""
-        with self._lock:
+        with self._load_lock:
             if self._credentials is not None:
                 return
             import google.auth
@@ -118,16 +123,36 @@ class AccessTokens:
             self._credentials, self.adc_project = credentials, project
 
     def token(self, call: CallContext, context: GenerationContext) -> tuple[str, str | None]:
-        """A valid access token and the credentials' quota project (or None)."""
-        if not self._lock.acquire(timeout=max(0.0, context.time_left())):
-            raise self._exchange.timeout(call)
-        try:
-            credentials = self._credentials
-            if not credentials.valid:
+        """A valid access token and the credentials' quota project (or None).
+
+        One caller refreshes, within its own deadline; the others wait for it within theirs.
+        When that refresh fails (its deadline may have been shorter), a waiter with time left
+        takes its turn."""
+        credentials = self._credentials
+        while True:
+            with self._lock:
+                refresh = self._refreshing
+                if refresh is None and credentials.valid:
+                    return credentials.token, getattr(credentials, "quota_project_id", None)
+                mine = refresh is None
+                if mine:
+                    refresh = self._refreshing = _Refresh()
+            assert refresh is not None
+            if not mine:
+                if not refresh.done.wait(timeout=max(0.0, context.time_left())):
+                    raise self._exchange.timeout(call)
+                if refresh.succeeded and credentials.token:
+                    return credentials.token, getattr(credentials, "quota_project_id", None)
+                continue  # that refresh failed: this caller tries, within its own deadline
+            try:
                 self._refresh(credentials, call, context)
-            return credentials.token, getattr(credentials, "quota_project_id", None)
-        finally:
-            self._lock.release()
+                refresh.succeeded = True
+                # Not `valid` again: google-auth judges a short-lived token stale at once.
+                return credentials.token, getattr(credentials, "quota_project_id", None)
+            finally:
+                with self._lock:
+                    self._refreshing = None
+                refresh.done.set()
 
     def forget(self, token: str) -> None:
         """Vertex refused this token: the next try fetches a new one."""
@@ -139,9 +164,13 @@ class AccessTokens:
         from google.auth import exceptions
 
         call.secret = credentials.token  # an old token is scrubbed as well
+        left = min(TOKEN_TIMEOUT_SECONDS, context.time_left())
+        if left <= 0:
+            raise self._exchange.timeout(call)
         try:
-            credentials.refresh(_deadline_request(self._session, context))
-        except _DeadlinePassed:
+            with deadline(left):
+                credentials.refresh(google_auth_transport(self._session, TOKEN_TIMEOUT_SECONDS))
+        except DeadlinePassed:
             raise self._exchange.timeout(call) from None
         except exceptions.RefreshError as error:
             said = call.scrub(clip(str(error)))
@@ -161,31 +190,15 @@ class AccessTokens:
                 code="upstream_unauthorized",
             ) from None
         except exceptions.TransportError as error:
-            cause = error.__cause__
-            if isinstance(cause, requests.Timeout) and not isinstance(cause, requests.ConnectTimeout):
-                raise self._exchange.timeout(call) from None  # reached, but it did not answer in time
+            cause = getattr(error.__cause__, "cause", "") or type(error.__cause__ or error).__name__
             raise call.error(
                 UpstreamError,
-                f"Could not reach Google's token service to get an access token ({type(cause or error).__name__}). "
+                f"Could not reach Google's token service to get an access token ({cause}). "
                 "Check the server's network and GOOGLE_APPLICATION_CREDENTIALS, then try again",
                 code="upstream_unreachable",
                 retryable=True,
                 fail_over=True,
             ) from None
-
-
-def _deadline_request(session: requests.Session, context: GenerationContext):
-    """google-auth's transport over our session, each request bounded by the deadline."""
-    import google.auth.transport.requests
-
-    class DeadlineRequest(google.auth.transport.requests.Request):
-        def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
-            left = min(TOKEN_TIMEOUT_SECONDS, context.time_left())
-            if left <= 0:
-                raise _DeadlinePassed()
-            return super().__call__(url, method=method, body=body, headers=headers, timeout=left, **kwargs)
-
-    return DeadlineRequest(session)
 
 
 class VertexBackend(GenerateContentBackend):

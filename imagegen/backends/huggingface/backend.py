@@ -10,7 +10,7 @@ from __future__ import annotations
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.backends.exchange import HttpExchange
+from imagegen.outbound import HttpExchange
 from imagegen.backends.huggingface.mapping import ProviderMapping
 from imagegen.backends.huggingface.providers import PROVIDERS
 from imagegen.backends.huggingface.providers.base import (
@@ -100,7 +100,7 @@ class HuggingFaceBackend:
 
     def routes(self, request: GenerationRequest, model: str, context: GenerationContext) -> list[Route]:
         provider = request.provider or self.default_provider
-        return self._mapping.routes(model, provider, self._require_token(), context.timing.clock)
+        return self._mapping.routes(model, provider, self._require_token(), context.timing.clock, context.time_left())
 
     def generate(self, route: Route, request: GenerationRequest, context: GenerationContext) -> GeneratedImage:
         token = self._require_token()

@@ -7,6 +7,7 @@ the Hub allows 1,000 requests per 5 minutes, and a lookup per generation would a
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -14,11 +15,14 @@ from urllib.parse import quote
 
 import requests
 
+from imagegen import outbound
 from imagegen.domain import Route
 from imagegen.errors import UpstreamError
 from imagegen.backends.huggingface.providers import PROVIDERS
 
 LOOKUP_TIMEOUT_SECONDS = 10.0
+# A model's page with its mappings is a few KiB.
+MAX_ANSWER_BYTES = 1024 * 1024
 TASK = "text-to-image"
 
 
@@ -34,12 +38,16 @@ class ProviderMapping:
         self._cache: dict[str, tuple[float, tuple[tuple[str, str], ...]]] = {}
         self._lock = threading.Lock()
 
-    def routes(self, model: str, provider: str, token: str, clock: Callable[[], float]) -> list[Route]:
-        """Where to try, in order. hf-inference needs no lookup: its id is the model id."""
+    def routes(
+        self, model: str, provider: str, token: str, clock: Callable[[], float], time_left: float | None = None
+    ) -> list[Route]:
+        """Where to try, in order. hf-inference needs no lookup: its id is the model id.
+        A lookup gets LOOKUP_TIMEOUT_SECONDS, and never more than the request has left."""
         if provider == "hf-inference":
             return [_route("hf-inference", model, model)]
+        seconds = LOOKUP_TIMEOUT_SECONDS if time_left is None else min(LOOKUP_TIMEOUT_SECONDS, time_left)
         try:
-            served = self._served_by(model, token, clock())
+            served = self._served_by(model, token, clock(), seconds)
         except HubUnavailable:
             if provider == "auto":
                 return [_route("hf-inference", model, model)]
@@ -57,47 +65,55 @@ class ProviderMapping:
             raise _not_served(model, f"the {provider} provider", served)
         return chosen
 
-    def _served_by(self, model: str, token: str, now: float) -> tuple[tuple[str, str], ...]:
+    def _served_by(self, model: str, token: str, now: float, seconds: float) -> tuple[tuple[str, str], ...]:
         """(provider, the model's id there) for each live provider, in the Hub's order."""
         with self._lock:
             cached = self._cache.get(model)
         if cached and cached[0] > now:
             return cached[1]
-        routes = self._look_up(model, token)
+        routes = self._look_up(model, token, seconds)
         with self._lock:
             self._cache[model] = (now + self._ttl_seconds, routes)
         return routes
 
-    def _look_up(self, model: str, token: str) -> tuple[tuple[str, str], ...]:
+    def _look_up(self, model: str, token: str, seconds: float) -> tuple[tuple[str, str], ...]:
         url = f"{self._hub_url}/api/models/{quote(model, safe='/')}"
+        if seconds <= 0:
+            raise HubUnavailable()
         try:
-            response = self._session.get(
+            # Through the exchange: an absolute deadline, a size cap, and redirects (a renamed
+            # model) followed only on the Hub itself, where the token may go.
+            response = outbound.fetch(
+                self._session,
+                "GET",
                 url,
+                seconds,
+                limit=MAX_ANSWER_BYTES,
+                same_host_redirects=True,
                 params={"expand[]": "inferenceProviderMapping"},
                 headers={"Authorization": f"Bearer {token}"},
-                timeout=LOOKUP_TIMEOUT_SECONDS,
             )
-        except requests.RequestException:
+        except outbound.OutboundFailure:
             raise HubUnavailable() from None
-        if response.status_code in (401, 403):
+        if response.status in (401, 403):
             raise UpstreamError(
                 "The Hugging Face Hub rejected the server's token. Check that HUGGING_FACE_API_KEY "
-                f"holds a valid token (Hub status {response.status_code})",
+                f"holds a valid token (Hub status {response.status})",
                 code="upstream_unauthorized",
-                upstream_status=response.status_code,
+                upstream_status=response.status,
             )
-        if response.status_code == 404:
+        if response.status == 404:
             raise UpstreamError(
                 f"There is no model {model} on the Hugging Face Hub (or it is private to another "
                 "account). Check HF_MODEL and HF_ALLOWED_MODELS",
                 code="model_not_available",
                 upstream_status=404,
             )
-        if response.status_code != 200:
+        if response.status != 200:
             raise HubUnavailable()
         try:
-            return tuple(_live_routes(response.json().get("inferenceProviderMapping")))
-        except (ValueError, AttributeError):
+            return tuple(_live_routes(json.loads(response.body).get("inferenceProviderMapping")))
+        except (ValueError, AttributeError, RecursionError):
             raise HubUnavailable() from None
 
 
