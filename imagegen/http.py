@@ -147,8 +147,12 @@ class Handler:
         access_log: AccessLog,
         cors_allowed_origins: tuple[str, ...],
         clock: Callable[[], float],
+        suffixes: Mapping[str, tuple[Endpoint, ...]] | None = None,
     ) -> None:
         self._endpoints = dict(endpoints)
+        # Paths matched by their end, longest first: a client appends "/images/generations" to
+        # whatever base URL it was given, so a door answers under any prefix.
+        self._suffixes = sorted((suffixes or {}).items(), key=lambda item: -len(item[0]))
         self._fallback = fallback
         self._log = access_log
         self._origins = cors_allowed_origins
@@ -180,7 +184,7 @@ class Handler:
             return empty_response(204)
         # A path may have an endpoint per method (the page's GET beside the API's POST); any
         # other path is the fallback's (the API answers wherever the function is mounted).
-        candidates = self._endpoints.get(request.path, (self._fallback,))
+        candidates = self._endpoints.get(request.path) or self._by_suffix(request.path) or (self._fallback,)
         endpoint = next((each for each in candidates if request.method in each.methods), candidates[0])
         try:
             if request.method not in endpoint.methods:
@@ -193,6 +197,9 @@ class Handler:
         except Exception:
             error = self._log.unexpected(request.method, request.path, record)
             return error_response(error, record.request_id, endpoint.error_shape)
+
+    def _by_suffix(self, path: str) -> tuple[Endpoint, ...] | None:
+        return next((endpoints for suffix, endpoints in self._suffixes if path.endswith(suffix)), None)
 
 
 def read_body(request: flask.Request) -> bytes:

@@ -180,6 +180,11 @@ class GenerationService:
         admission.record.fields.update(produced.facts())
         return produced
 
+    def release(self, admission: Admission) -> None:
+        """Give back what an admission holds when it will never be produced (a door that
+        admitted several images and then had one refused)."""
+        self._refund(admission)
+
     def _refund(self, admission: Admission) -> None:
         if admission.reservation is not None:
             self._state.refund(admission.reservation)
