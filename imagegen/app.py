@@ -31,6 +31,7 @@ from imagegen.doors.documents import json_document_endpoint, openapi_endpoint, p
 from imagegen.doors.json_api import JsonApi
 from imagegen.errors import ConfigurationError
 from imagegen.http import AccessLog, Endpoint, Handler
+from imagegen.images import configure_decoding
 from imagegen.logs import get_logger
 from imagegen.page import render_page
 from imagegen.record import RequestRecord
@@ -121,11 +122,16 @@ def failed_start_handler(error: ConfigurationError, logger: logging.Logger | Non
     return Handler(endpoints, failing, access_log=access_log, cors_allowed_origins=("*",), clock=Timing().clock)
 
 
+def _mib(value: int | None) -> int | None:
+    return None if value is None else value * 2**20
+
+
 def create_handler(environ: Mapping[str, str]) -> tuple[Handler, Settings | None]:
     """The handler for a process, and its settings (None when they are wrong)."""
     try:
         settings = load_settings(environ)
         get_logger(settings.log_format)
+        configure_decoding(_mib(settings.decode_memory_mib), _mib(settings.max_decode_memory_mib))
         return build_handler(settings), settings
     except ConfigurationError as error:
         get_logger().error("Invalid configuration: %s", error.message)

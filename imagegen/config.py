@@ -92,6 +92,10 @@ class Settings:
     cache: bool = True
     # A prompt one vendor refused is sent to the next backend only when this is on.
     failover_on_refusal: bool = False
+    # Decoding memory (MiB) for the whole instance and for one decode; None: derived from the
+    # instance's memory (imagegen.images).
+    decode_memory_mib: int | None = None
+    max_decode_memory_mib: int | None = None
     # The enabled backends in failover order, and every backend's section (enabled or not).
     backends: tuple[str, ...] = ()
     backend_settings: Mapping[str, BackendSettings] = field(default_factory=dict, repr=False)
@@ -193,6 +197,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         gcp_project=get("GOOGLE_CLOUD_PROJECT"),
         cache=parse_boolean("CACHE", get("CACHE"), default=True),
         failover_on_refusal=parse_boolean("FAILOVER_ON_REFUSAL", get("FAILOVER_ON_REFUSAL"), default=False),
+        decode_memory_mib=_optional_mib("DECODE_MEMORY_MIB", get("DECODE_MEMORY_MIB")),
+        max_decode_memory_mib=_optional_mib("MAX_DECODE_MEMORY_MIB", get("MAX_DECODE_MEMORY_MIB")),
         serve_page=parse_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
         max_prompt_chars=int(
             parse_number(
@@ -205,6 +211,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             )
         ),
     )
+
+
+def _optional_mib(name: str, raw: str | None) -> int | None:
+    return None if raw is None else int(parse_number(name, raw, 0, 16, 1_048_576, integer=True))
 
 
 def _named(get: Callable[[str], str | None], name: str) -> tuple[str, str | None]:

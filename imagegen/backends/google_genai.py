@@ -21,7 +21,7 @@ from urllib.parse import quote
 from imagegen.backends.base import Capabilities, GenerationContext
 from imagegen.outbound import HttpExchange
 from imagegen.backends.sizes import nearest_aspect_ratio, requested_shape
-from imagegen.backends.toolkit import Unusable, b64_image, json_object, reading_answer
+from imagegen.backends.toolkit import Unusable, b64_image, json_object, reading_answer, to_png
 from imagegen.backends.vendor import (
     CREDITS,
     MODEL_NOT_AVAILABLE,
@@ -32,7 +32,6 @@ from imagegen.backends.vendor import (
 from imagegen.config import BackendSettings, Settings
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import ContentRejected, UpstreamError
-from imagegen.images import ensure_png
 from imagegen.retry import retry_info_delay, server_delay_seconds
 
 # Every Gemini image model takes these (ImageConfig.aspect_ratio in the API reference).
@@ -167,7 +166,7 @@ def message_of(body: Any) -> str:
 # -- the answer --------------------------------------------------------------------------------
 
 
-def read_image(body: bytes, call: CallContext) -> bytes:
+def read_image(body: bytes, call: CallContext, context: GenerationContext) -> bytes:
     """The PNG from a generateContent answer; ContentRejected for every refusal shape, Unusable
     (or a shape error) for anything else that is not an image. Call within `reading_answer`."""
     answer = json_object(body)
@@ -201,7 +200,7 @@ def read_image(body: bytes, call: CallContext) -> bytes:
             raise _refused(call, f"answered without an image ({finished}{model_said})")
         raise Unusable("a candidate without an image or text")
     # The last image is the final one.
-    return ensure_png(b64_image(images[-1]["data"], "inlineData.data"))
+    return to_png(b64_image(images[-1]["data"], "inlineData.data"), context)
 
 
 def _word(value: Any) -> str:
@@ -247,7 +246,7 @@ class GenerateContentBackend:
         call, url, headers = self._prepare(route, context)
         answer = self._send(url, call, context, headers, request_body(request, route.model))
         with reading_answer(call):
-            png = read_image(answer.body, call)
+            png = read_image(answer.body, call, context)
         return GeneratedImage(png=png, route=route, seed=None, request_id=call.request_id)
 
     def _send(self, url: str, call: CallContext, context: GenerationContext, headers: dict[str, str], body: dict):

@@ -23,13 +23,12 @@ import requests
 from imagegen.backends.base import Capabilities, GenerationContext
 from imagegen.outbound import HttpExchange
 from imagegen.backends.sizes import free_size, nearest_size, requested_shape
-from imagegen.backends.toolkit import first_b64_image, json_object, reading_answer, require_key
+from imagegen.backends.toolkit import first_b64_image, json_object, reading_answer, require_key, to_png
 from imagegen.backends.vendor import CONTENT_REJECTED, CREDITS, MODEL_NOT_AVAILABLE, CallContext, Vendor
 from imagegen.config import BackendSettings, Settings
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import ConfigurationError, UpstreamError
 from imagegen.identity import account_fingerprint
-from imagegen.images import ensure_png
 from imagegen.retry import retry_after_ms, server_delay_seconds
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -182,7 +181,7 @@ class OpenAIBackend:
                 ) from None
             raise
         with reading_answer(call):
-            png = ensure_png(first_b64_image(json_object(answer.body)))
+            png = to_png(first_b64_image(json_object(answer.body)), context)
         return GeneratedImage(png=png, route=route, seed=None, request_id=call.request_id)
 
     def _check_configuration(self, model: str) -> str:

@@ -43,13 +43,13 @@ from imagegen.backends.toolkit import (
     poll_until,
     reading_answer,
     require_key,
+    to_png,
 )
 from imagegen.backends.vendor import CONTENT_REJECTED, MODEL_NOT_AVAILABLE, CallContext, Vendor
 from imagegen.config import BackendSettings, Settings, base_url_is_loopback
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import ContentRejected, UpstreamError, UpstreamTimeout
 from imagegen.identity import account_fingerprint
-from imagegen.images import ensure_png
 from imagegen.retry import body_retry_after, server_delay_seconds
 
 DEFAULT_BASE_URL = "https://api.replicate.com"
@@ -292,7 +292,7 @@ class ReplicateBackend:
             if prediction.get("status") in RUNNING:
                 prediction = self._poll(prediction, call, context, token)
             output_url = self._finished(prediction, call)
-            png = ensure_png(self._exchange.download(output_url, call, context, allow_loopback=self._loopback))
+            png = to_png(self._exchange.download(output_url, call, context, allow_loopback=self._loopback), context)
         return GeneratedImage(png=png, route=route, seed=request.seed, ignored=dropped, request_id=call.request_id)
 
     # -- one prediction --------------------------------------------------------------------------

@@ -25,13 +25,12 @@ import requests
 from imagegen.backends.base import Capabilities, GenerationContext
 from imagegen.outbound import HttpExchange
 from imagegen.backends.sizes import nearest_aspect_ratio, requested_shape
-from imagegen.backends.toolkit import Unusable, b64_image, json_object, reading_answer, require_key
+from imagegen.backends.toolkit import Unusable, b64_image, json_object, reading_answer, require_key, to_png
 from imagegen.backends.vendor import CONTENT_REJECTED, CREDITS, MODEL_NOT_AVAILABLE, CallContext, Vendor
 from imagegen.config import BackendSettings, Settings
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import ConfigurationError, ContentRejected
 from imagegen.identity import account_fingerprint
-from imagegen.images import ensure_png
 
 DEFAULT_BASE_URL = "https://api.stability.ai"
 ASPECT_RATIOS = ("16:9", "1:1", "21:9", "2:3", "3:2", "4:5", "5:4", "9:16", "9:21")
@@ -154,7 +153,7 @@ class StabilityBackend:
                         "Change the prompt and try again",
                     )
                 raise Unusable(f"finish-reason {reason}" if finish_reason is not None else "no finish-reason")
-            png = ensure_png(data)
+            png = to_png(data, context)
         return GeneratedImage(png=png, route=route, seed=_used_seed(seed_text, sent_seed), request_id=call.request_id)
 
     def _check_configuration(self, model: str) -> tuple[str, str]:

@@ -13,6 +13,8 @@ image sits in the answer, how refusals are spelled). The rest is here, once:
 - `poll_until`: a task polled until it is done, within the generation's deadline, woken at
   once when the caller leaves (`context.wait`), reporting progress as it goes.
 - `report_progress`: the documented `progress` event, {"step", "steps", "fraction"}.
+- `to_png`: the image as a checked PNG, its decoding waiting for memory no longer than the
+  generation has left.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from imagegen.outbound import BadDownload
 from imagegen.backends.vendor import CallContext
 from imagegen.config import BackendSettings
 from imagegen.errors import BadAnswer, ConfigurationError, ImageGenError
-from imagegen.images import NotAnImage, describe_non_image
+from imagegen.images import NotAnImage, describe_non_image, ensure_png
 
 State = TypeVar("State")
 
@@ -182,3 +184,9 @@ def poll_until(
         if finished(state):
             return state
     raise AssertionError("intervals() never ends")
+
+
+def to_png(data: bytes, context: GenerationContext) -> bytes:
+    """`ensure_png` within the generation's time: a decode that must wait for memory waits at
+    most what is left of the deadline (then 503 server_busy)."""
+    return ensure_png(data, wait_seconds=max(0.0, context.time_left()))

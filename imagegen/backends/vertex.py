@@ -173,7 +173,7 @@ class AccessTokens:
         except DeadlinePassed:
             raise self._exchange.timeout(call) from None
         except exceptions.RefreshError as error:
-            said = call.scrub(clip(str(error)))
+            said = call.quote(str(error))
             if getattr(error, "retryable", False):
                 raise call.error(
                     UpstreamError,

@@ -22,14 +22,13 @@ from imagegen.backends.huggingface.providers.base import (
     Provider,
     TaskFailed,
 )
-from imagegen.backends.toolkit import PollSchedule, Unusable, poll_until, reading_answer, require_key
+from imagegen.backends.toolkit import PollSchedule, Unusable, poll_until, reading_answer, require_key, to_png
 from imagegen.backends.vendor import CallContext, Vendor
 from imagegen.config import BackendSettings, Settings, base_url_is_loopback, check_http_url
 from imagegen.env_values import invalid_setting, parse_number
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import UpstreamError, UpstreamTimeout
 from imagegen.identity import account_fingerprint
-from imagegen.images import ensure_png
 
 # What HF_PROVIDER and a request's "provider" may name; "auto" asks the Hub which providers
 # serve the model and fails over between them.
@@ -120,7 +119,7 @@ class HuggingFaceBackend:
                     data = self._exchange.download(parsed.url, call, context, allow_loopback=self._loopback)
                 else:
                     data = parsed.data
-                png = ensure_png(data)
+                png = to_png(data, context)
         except TaskFailed as error:
             raise call.error(
                 UpstreamError,
