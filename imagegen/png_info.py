@@ -86,7 +86,7 @@ def a1111_parameters(generation: GenerationRequest, image: GeneratedImage, size:
 
 def embed_parameters(image: GeneratedImage, generation: GenerationRequest) -> PngParts:
     """The PNG with its recipe in text chunks: A1111's "parameters", and "backend", "model",
-    "provider" and "seed", which a cached answer reads back to say what made it."""
+    "provider", "seed" and "ignored", which a cached answer reads back to say what made it."""
     png = image.png
     text = {
         "parameters": a1111_parameters(generation, image, png_size(png)),
@@ -94,6 +94,8 @@ def embed_parameters(image: GeneratedImage, generation: GenerationRequest) -> Pn
         "model": image.route.model,
         **({"provider": image.route.provider} if image.route.provider else {}),
         **({"seed": str(image.seed)} if image.seed is not None else {}),
+        # What the backend could not honour, so that a cached answer says it again.
+        **({"ignored": ",".join(image.ignored)} if image.ignored else {}),
         "Software": "imagegen",
     }
     chunks = b"".join(_text_chunk(keyword, value) for keyword, value in text.items())

@@ -61,6 +61,7 @@ class Produced:
     ignored: tuple[str, ...] = ()
     warning: str | None = None
     stored_name: str | None = None  # the store's name for it; None when storing failed
+    placeholder: bool = False  # drawn without a model (the demo): never stored, never "cached"
 
     @property
     def size(self) -> tuple[int | None, int | None]:
@@ -227,7 +228,8 @@ class GenerationService:
                     raise
                 # The request we joined lost its caller, not us: try again, leading this time.
                 continue
-            return dataclasses.replace(produced, cached=True) if shared else produced
+            # Another request's image is a cached one, except a placeholder: drawn, not made.
+            return dataclasses.replace(produced, cached=True) if shared and not produced.placeholder else produced
         raise UpstreamTimeout("Identical requests in flight kept being cancelled by their callers. Try again.")
 
     def _cache_names(self, generation: GenerationRequest, candidates: list[Candidate]) -> list[tuple[str, str]]:
@@ -271,7 +273,10 @@ class GenerationService:
         stored_seed = png_text(png, "seed")
         if stored_seed and stored_seed.isascii() and stored_seed.isdigit() and len(stored_seed) <= 10:
             seed = int(stored_seed)
-        return Produced(PngParts.of(png), route, seed, file_path, cached=True)
+        ignored = tuple(name for name in (png_text(png, "ignored") or "").split(",") if name in IGNORABLE_FIELDS)
+        return Produced(
+            PngParts.of(png), route, seed, file_path, cached=True, ignored=ignored, warning=ignored_warning(route.backend, ignored)
+        )
 
     def _produce(self, admission: Admission, context: GenerationContext) -> Produced:
         """Generate, embed the parameters, store: the image and where it went."""
@@ -286,7 +291,8 @@ class GenerationService:
                 metadata = ImageMetadata(model=image.route.model, prompt=generation.prompt, seed=image.seed)
                 warnings = []
                 file_path = None
-                if self._dispatcher.backends[image.route.backend].capabilities(image.route.model).placeholder:
+                placeholder = self._dispatcher.backends[image.route.backend].capabilities(image.route.model).placeholder
+                if placeholder:
                     warnings.append(PLACEHOLDER_WARNING)
                 else:
                     try:
@@ -304,7 +310,7 @@ class GenerationService:
         if caller_seed is not None and image.seed is None:
             ignored = (*ignored, "seed")
         if ignored:
-            warnings.insert(0, f"The {image.route.backend} backend cannot use {', '.join(ignored)}: ignored.")
+            warnings.insert(0, ignored_warning(image.route.backend, ignored))
         for name_, ms in image.timings_ms.items():
             record.phases[name_] = ms
         return Produced(
@@ -315,6 +321,7 @@ class GenerationService:
             ignored=ignored,
             warning=" ".join(warnings) or None,
             stored_name=name if file_path else None,
+            placeholder=placeholder,
         )
 
     def _name_for(self, generation: GenerationRequest, image: GeneratedImage, caller_seed: int | None) -> str:
@@ -322,3 +329,13 @@ class GenerationService:
             backend = self._dispatcher.backends[image.route.backend]
             return cached_image_name(generation, backend.identity(), image.route.model)
         return image_name(generation.prompt)
+
+
+# The request fields a backend may be unable to honour, as the API names them: all a stored
+# "ignored" chunk may hold.
+IGNORABLE_FIELDS = ("negativePrompt", "steps", "guidanceScale", "seed", "width", "height")
+
+
+def ignored_warning(backend: str, ignored: tuple[str, ...]) -> str | None:
+    """The answer's warning about what the backend did not use; None when it used everything."""
+    return f"The {backend} backend cannot use {', '.join(ignored)}: ignored." if ignored else None
