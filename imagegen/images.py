@@ -235,7 +235,7 @@ def _name(kind: bytes) -> str:
 # --- decoding memory: what Pillow may allocate, bounded before it allocates it ---------------
 
 # Bytes per pixel that decoding and converting takes at its peak (the decoder's buffers, Pillow's
-# image, a converted copy), measured as peak RSS on test-made images (notes/imaging-bounds.md,
+# image, a converted copy), measured as peak RSS on test-made images (docs/limits.md, "Decoding memory";
 # bench/decode_memory.py) and rounded up. Pillow keeps RGB in 4 bytes a pixel, like RGBA.
 _BYTES_PER_PIXEL = {
     ("jpeg", "L"): 6,  # measured 5.1-5.3

@@ -7,7 +7,7 @@ most refusals with HTTP 200), and classifies Google's error bodies. Each backend
 its URL, its auth header and its wording (`Vendor`).
 
 Checked in 2026-11 against Google's REST reference and SDK types (python-genai, the
-Vertex AI v1 discovery document): see docs/backend-gemini.md.
+Vertex AI v1 discovery document): see docs/backends/gemini.md.
 """
 
 from __future__ import annotations
