@@ -142,7 +142,7 @@ def test_a_pooled_connection_is_not_cut_by_an_earlier_calls_deadline():
 @pytest.mark.parametrize("mode", ["trickle", "hang"])
 def test_the_hub_lookup_ends_by_the_request_deadline(make_settings, mode):
     with Trickle(mode) as hub:
-        mapping = ProviderMapping(make_settings(HF_HUB_URL=hub.url), new_session())
+        mapping = ProviderMapping(hub.url, 600, new_session())
         outcome, took = timed(lambda: mapping.routes("owner/model", "auto", "hf_x", time.monotonic, DEADLINE))
     # `auto` falls back to hf-inference when the Hub cannot be asked.
     assert [route.provider for route in outcome] == ["hf-inference"], outcome
@@ -154,7 +154,7 @@ def test_the_hub_lookup_follows_no_redirect_to_another_host(make_settings):
 
     with responses.RequestsMock() as mocked:
         mocked.get("https://hub.example/api/models/owner/model", status=307, headers={"Location": "https://evil.example/x"})
-        mapping = ProviderMapping(make_settings(HF_HUB_URL="https://hub.example"), new_session())
+        mapping = ProviderMapping("https://hub.example", 600, new_session())
         with pytest.raises(UpstreamError) as caught:
             mapping.routes("owner/model", "fal-ai", "hf_secret", time.monotonic, 5)
         assert [c.request.url.split("?")[0] for c in mocked.calls] == ["https://hub.example/api/models/owner/model"]
