@@ -34,13 +34,15 @@ from imagegen.storage import ImageMetadata, ImageStore, image_name
 
 # Seeds the server picks stay below 2**31: some providers take only signed 32-bit seeds.
 MAX_CHOSEN_SEED = 2**31 - 1
-# Followers of an identical request in flight wait for it at most this much past its deadline.
-SINGLE_FLIGHT_GRACE_SECONDS = 30
+# Followers of an identical request in flight wait for it until their own deadline, and this
+# much more: every answer comes within DEADLINE_SECONDS and a moment.
+SINGLE_FLIGHT_GRACE_SECONDS = 0.5
 # How long a winner's claim on a seeded request holds across instances without renewal: it is
 # renewed while the image is made, and a waiter takes over this long after a winner died.
 SINGLE_FLIGHT_LEASE_SECONDS = 30
-# The least time a save is given when the deadline is already spent.
-MIN_STORE_SECONDS = 2.0
+# The least time a save is given when the deadline is already spent: short, so that the answer
+# (which carries the image either way) still comes within the deadline and a moment.
+MIN_STORE_SECONDS = 0.5
 PLACEHOLDER_WARNING = (
     "This is a placeholder from the demo backend, drawn on the server without any model; it is not stored. "
     "Configure a real backend to generate images."
@@ -96,6 +98,9 @@ class Admission:
     hit: Produced | None = None  # answered from the cache: nothing left to make
     reservation: Reservation | None = None  # the unit of the daily budget it holds
     looked_up: bool = True  # False: the cache is still to be asked (a stream's)
+    # When the request's time is up (timing.clock), counted from its admission: the cache
+    # lookups and the wait for a slot spend the same DEADLINE_SECONDS as the backends.
+    deadline: float = float("inf")
 
 
 class GenerationService:
@@ -126,6 +131,7 @@ class GenerationService:
         here, spending nothing; a stream, which must say `accepted` at once, leaves the lookup
         to `produce` (`look_up_cache=False`): there a hit gives its budget unit back."""
         self._settings.require_backends()
+        deadline = self._timing.clock() + self._settings.deadline_seconds
         record.fields.update(prompt_fingerprint(generation.prompt))
         if self._settings.log_prompts:
             record.fields.update(prompt=generation.prompt, negativePrompt=generation.negative_prompt)
@@ -135,7 +141,7 @@ class GenerationService:
         if cache_names and look_up_cache:
             hit = self._cached(cache_names, generation.seed, record)
             if hit is not None:
-                return Admission(generation, generation.seed, candidates, cache_names, record, hit=hit)
+                return Admission(generation, generation.seed, candidates, cache_names, record, hit=hit, deadline=deadline)
         # Counted only for requests that would reach a backend: the limits guard the spending.
         self._take_rate(caller, record)
         reservation = self._state.reserve(caller)
@@ -145,7 +151,14 @@ class GenerationService:
             generation = dataclasses.replace(generation, seed=self._choose_seed())
         record.fields["seed"] = generation.seed
         return Admission(
-            generation, caller_seed, candidates, cache_names, record, reservation=reservation, looked_up=look_up_cache
+            generation,
+            caller_seed,
+            candidates,
+            cache_names,
+            record,
+            reservation=reservation,
+            looked_up=look_up_cache,
+            deadline=deadline,
         )
 
     def produce(
@@ -163,7 +176,7 @@ class GenerationService:
                 self._refund(admission)
                 return hit
         context = GenerationContext(
-            deadline=self._timing.clock() + self._settings.deadline_seconds,
+            deadline=admission.deadline,
             timing=self._timing,
             progress=progress,
             cancelled=cancelled or threading.Event(),
@@ -217,7 +230,7 @@ class GenerationService:
                     produce,
                     lambda name: self._load(name, backend, generation.seed),
                     lease_seconds=SINGLE_FLIGHT_LEASE_SECONDS,
-                    timeout=self._settings.deadline_seconds + SINGLE_FLIGHT_GRACE_SECONDS,
+                    timeout=max(0.0, context.time_left()) + SINGLE_FLIGHT_GRACE_SECONDS,
                 )
             except TimeoutError:
                 raise UpstreamTimeout(
