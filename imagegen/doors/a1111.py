@@ -80,6 +80,29 @@ HONOURED_BY_NATURE = {
     "do_not_save_samples": None,
     "do_not_save_grid": None,
 }
+# AUTOMATIC1111's sampler names (and aliases) that /samplers lists: the ones its clients offer.
+SAMPLERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Euler a", ("k_euler_a", "k_euler_ancestral")),
+    ("Euler", ("k_euler",)),
+    ("DPM++ 2M", ("k_dpmpp_2m",)),
+    ("DPM++ 2M SDE", ("k_dpmpp_2m_sde",)),
+    ("Heun", ("k_heun",)),
+    ("DPM2", ("k_dpm_2",)),
+    ("DPM2 a", ("k_dpm_2_a",)),
+    ("LMS", ("k_lms",)),
+    ("DDIM", ("ddim",)),
+    ("PLMS", ("plms",)),
+    ("UniPC", ("unipc",)),
+    ("LCM", ("k_lcm",)),
+)
+# AUTOMATIC1111's scheduler names (its 1.9 "Schedule type") and labels.
+SCHEDULERS: tuple[tuple[str, str], ...] = (
+    ("automatic", "Automatic"),
+    ("uniform", "Uniform"),
+    ("karras", "Karras"),
+    ("exponential", "Exponential"),
+    ("sgm_uniform", "SGM Uniform"),
+)
 IGNORED_HEADER = "X-Imagegen-Ignored"
 # A caller's checkpoint choice (POST options) is kept for this many callers on an instance.
 MAX_REMEMBERED_CALLERS = 10_000
@@ -451,7 +474,62 @@ class A1111Api:
 
         return {
             f"{PREFIX}/txt2img": (post(self.txt2img, "with a JSON body to generate images"),),
+            f"{PREFIX}/sd-models": (get(self.sd_models, "to list the models"),),
+            f"{PREFIX}/options": (
+                get(self.get_options, "to read the options, POST to choose a checkpoint"),
+                post(self.set_options, "to choose a checkpoint, GET to read the options"),
+            ),
+            f"{PREFIX}/samplers": (get(self.samplers, "to list the samplers"),),
+            f"{PREFIX}/schedulers": (get(self.schedulers, "to list the schedulers"),),
+            f"{PREFIX}/progress": (get(self.progress, "to read the progress of your generations"),),
+            f"{PREFIX}/interrupt": (post(self.interrupt, "to stop your generations"),),
         }
+
+    # --- the GET endpoints and options ---
+
+    def sd_models(self, request: flask.Request, record: RequestRecord) -> flask.Response:
+        self._caller(request, record)
+        return _json(sd_models(self._catalog))
+
+    def get_options(self, request: flask.Request, record: RequestRecord) -> flask.Response:
+        caller = self._caller(request, record)
+        checkpoint = self.checkpoints.get(caller) or default_checkpoint(self._catalog)
+        return _json(
+            {
+                "sd_model_checkpoint": checkpoint,
+                "sd_checkpoint_hash": _short_hash(checkpoint)[1] if checkpoint else None,
+                "samples_format": "png",
+            }
+        )
+
+    def set_options(self, request: flask.Request, record: RequestRecord) -> flask.Response:
+        """Only sd_model_checkpoint means something here: checked, then kept for this caller on
+        this instance (the next txt2img without override_settings uses it). The rest is named
+        in X-Imagegen-Ignored; nothing is global."""
+        caller = self._caller(request, record)
+        check_content_type(request.headers.get("Content-Type"))
+        options = _json_object(read_body(request))
+        checkpoint = options.get("sd_model_checkpoint")
+        if checkpoint is not None:
+            if not isinstance(checkpoint, str) or not checkpoint.strip():
+                raise _invalid("sd_model_checkpoint", "a model name string", checkpoint)
+            resolve_checkpoint(checkpoint, self._catalog)  # a 400 naming the models if not offered
+            self.checkpoints.set(caller, checkpoint)
+        ignored = [name for name in options if name != "sd_model_checkpoint"]
+        return _json(None, {IGNORED_HEADER: ", ".join(ignored)} if ignored else {})
+
+    def samplers(self, request: flask.Request, record: RequestRecord) -> flask.Response:
+        self._caller(request, record)
+        return _json([{"name": name, "aliases": list(aliases), "options": {}} for name, aliases in SAMPLERS])
+
+    def schedulers(self, request: flask.Request, record: RequestRecord) -> flask.Response:
+        self._caller(request, record)
+        return _json(
+            [
+                {"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for name, label in SCHEDULERS
+            ]
+        )
 
     def _caller(self, request: flask.Request, record: RequestRecord) -> str:
         ip = client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, self._hops)
@@ -459,6 +537,18 @@ class A1111Api:
         record.fields["caller"] = caller.key
         record.fields["door"] = "a1111"
         return caller.key
+
+    def progress(self, request: flask.Request, record: RequestRecord) -> flask.Response:
+        """This caller's txt2img requests in flight on this instance, from the progress events
+        the service emits; none here reads as idle."""
+        return _json(self.in_flight.progress(self._caller(request, record)))
+
+    def interrupt(self, request: flask.Request, record: RequestRecord) -> flask.Response:
+        """Stops this caller's generations in flight on this instance; their requests answer
+        with the images already made."""
+        stopped = self.in_flight.interrupt(self._caller(request, record))
+        record.fields["interrupted"] = stopped
+        return _json({})
 
     # --- txt2img ---
 
@@ -544,6 +634,10 @@ class A1111Api:
             finished.set()
             if job.cancelled.is_set() and not job.interrupted:
                 raise Cancelled()
+
+
+def _json(value: Any, headers: Mapping[str, str] | None = None) -> flask.Response:
+    return response(200, json.dumps(value, ensure_ascii=False).encode(), {"Content-Type": "application/json", **(headers or {})})
 
 
 def _child(record: RequestRecord) -> RequestRecord:
