@@ -122,3 +122,13 @@ def test_the_json_api_is_unchanged_beside_the_door(demo: Process) -> None:
     answer = requests.post(f"{demo.url}/api/generate-image", json={"prompt": "a cat"}, timeout=WAIT)
     assert answer.status_code == 200
     assert answer.json()["success"] is True
+
+
+def test_ignored_field_names_any_text_reach_the_header_escaped_and_bounded(demo: Process) -> None:
+    # Found by the fuzzer: a field name a header cannot carry made a 500.
+    body = {"prompt": "a cat", "r\u00e9glage \U0001d47b\n": 1, **{f"field{i}": i for i in range(300)}}
+    answer = requests.post(f"{demo.url}/sdapi/v1/txt2img", json=body, timeout=WAIT)
+    assert answer.status_code == 200, answer.text
+    header = answer.headers["X-Imagegen-Ignored"]
+    assert header.isascii() and len(header) <= 1024 and header.startswith("r\\u00e9glage \\ud835\\udc7b\\n")
+    assert "r\u00e9glage \U0001d47b\n" in json.loads(answer.json()["info"])["ignored"]

@@ -104,6 +104,7 @@ SCHEDULERS: tuple[tuple[str, str], ...] = (
     ("sgm_uniform", "SGM Uniform"),
 )
 IGNORED_HEADER = "X-Imagegen-Ignored"
+MAX_IGNORED_HEADER = 1024
 # A caller's checkpoint choice (POST options) is kept for this many callers on an instance.
 MAX_REMEMBERED_CALLERS = 10_000
 CHECKPOINT_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]\s*$")
@@ -516,7 +517,7 @@ class A1111Api:
             resolve_checkpoint(checkpoint, self._catalog)  # a 400 naming the models if not offered
             self.checkpoints.set(caller, checkpoint)
         ignored = [name for name in options if name != "sd_model_checkpoint"]
-        return _json(None, {IGNORED_HEADER: ", ".join(ignored)} if ignored else {})
+        return _json(None, {IGNORED_HEADER: ignored_header(ignored)} if ignored else {})
 
     def samplers(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         self._caller(request, record)
@@ -573,7 +574,7 @@ class A1111Api:
             record.fields["failedImages"] = len(failures)
         headers = {"Content-Type": "application/json"}
         if ignored:
-            headers[IGNORED_HEADER] = ", ".join(ignored)
+            headers[IGNORED_HEADER] = ignored_header(ignored)
         return response(200, body, headers)
 
     def _admit_all(self, asked: Txt2Img, caller: str, record: RequestRecord) -> list[Admission]:
@@ -634,6 +635,13 @@ class A1111Api:
             finished.set()
             if job.cancelled.is_set() and not job.interrupted:
                 raise Cancelled()
+
+
+def ignored_header(names: list[str]) -> str:
+    """The ignored names for a header: field names are the caller's text, so any character
+    a header cannot carry is written as a JSON escape, and the whole is bounded."""
+    value = ", ".join(json.dumps(name)[1:-1] for name in names)
+    return value if len(value) <= MAX_IGNORED_HEADER else value[: MAX_IGNORED_HEADER - 3] + "..."
 
 
 def _json(value: Any, headers: Mapping[str, str] | None = None) -> flask.Response:
