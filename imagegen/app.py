@@ -27,6 +27,7 @@ from imagegen.capabilities import capabilities_document
 from imagegen.catalog import catalog_of
 from imagegen.config import Settings, load_settings
 from imagegen.dispatch import Dispatcher
+from imagegen.doors.a1111 import A1111Api
 from imagegen.doors.documents import json_document_endpoint, openapi_endpoint, page_endpoint
 from imagegen.doors.json_api import JsonApi
 from imagegen.errors import ConfigurationError
@@ -82,9 +83,10 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
     )
     catalog = catalog_of(dispatcher.backends)
     access_log = AccessLog(logger, settings.trusted_proxy_hops, settings.gcp_project)
+    authenticator = parts.authenticator or make_authenticator(settings, new_session(pool_size=4))
     api = JsonApi(
         service,
-        parts.authenticator or make_authenticator(settings, new_session(pool_size=4)),
+        authenticator,
         catalog,
         access_log,
         max_prompt_chars=settings.max_prompt_chars,
@@ -100,12 +102,23 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
         page = render_page(settings.max_prompt_chars, settings.auth_mode)
         endpoints["/"] = (generate, page_endpoint("/", page))
         endpoints["/index.html"] = (page_endpoint("/index.html", page),)
+    # AUTOMATIC1111's API (/sdapi/v1/*) under any prefix, for the tools that speak it.
+    a1111 = A1111Api(
+        service,
+        authenticator,
+        catalog,
+        access_log,
+        max_prompt_chars=settings.max_prompt_chars,
+        trusted_proxy_hops=settings.trusted_proxy_hops,
+        clock=timing.clock,
+    )
     return Handler(
         endpoints,
         generate,
         access_log=access_log,
         cors_allowed_origins=settings.cors_allowed_origins,
         clock=timing.clock,
+        suffixes=a1111.suffix_routes(),
     )
 
 

@@ -7,6 +7,7 @@ with `WWW-Authenticate`, whatever was wrong, so nobody learns which key came clo
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ipaddress
@@ -89,15 +90,31 @@ class NoAuth:
         return Caller(f"ip:{client_ip}")
 
 
+def _basic_password(headers: Mapping[str, str]) -> str | None:
+    """The password of HTTP Basic credentials (AUTOMATIC1111's clients send "user:password"),
+    or the user name when the password is empty; None when there are none."""
+    match = re.fullmatch(r"\s*Basic\s+([A-Za-z0-9+/=]+)\s*", headers.get("Authorization") or "", re.I)
+    if not match:
+        return None
+    try:
+        user, _, password = base64.b64decode(match.group(1), validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return password or user or None
+
+
 class ApiKeyAuth:
-    HOW = "Send your API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
+    HOW = (
+        "Send your API key as 'Authorization: Bearer <key>', 'X-API-Key: <key>', or as the password "
+        "of HTTP Basic credentials."
+    )
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         # Compare digests: equal length whatever the key, so compare_digest's time says nothing.
         self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
 
     def authenticate(self, headers: Mapping[str, str], client_ip: str) -> Caller:
-        offered = headers.get("X-API-Key") or _bearer(headers)
+        offered = headers.get("X-API-Key") or _bearer(headers) or _basic_password(headers)
         if not offered:
             raise _unauthorized(self.HOW)
         digest = hashlib.sha256(offered.strip().encode()).digest()
