@@ -29,6 +29,7 @@ from imagegen.config import Settings, load_settings
 from imagegen.dispatch import Dispatcher
 from imagegen.doors.documents import json_document_endpoint, openapi_endpoint, page_endpoint
 from imagegen.doors.json_api import JsonApi
+from imagegen.doors.openai_images import OpenAiImages
 from imagegen.errors import ConfigurationError
 from imagegen.http import AccessLog, Endpoint, Handler
 from imagegen.logs import get_logger
@@ -81,9 +82,10 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
     )
     catalog = catalog_of(dispatcher.backends)
     access_log = AccessLog(logger, settings.trusted_proxy_hops, settings.gcp_project)
+    authenticator = parts.authenticator or make_authenticator(settings, new_session(pool_size=4))
     api = JsonApi(
         service,
-        parts.authenticator or make_authenticator(settings, new_session(pool_size=4)),
+        authenticator,
         catalog,
         access_log,
         max_prompt_chars=settings.max_prompt_chars,
@@ -99,12 +101,24 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
         page = render_page(settings.max_prompt_chars, settings.auth_mode)
         endpoints["/"] = (generate, page_endpoint("/", page))
         endpoints["/index.html"] = (page_endpoint("/index.html", page),)
+    suffixes: dict[str, tuple[Endpoint, ...]] = {}
+    # The Images API door (issue #20): its routes answer under any prefix.
+    suffixes.update(
+        OpenAiImages(
+            service,
+            authenticator,
+            catalog,
+            max_prompt_chars=settings.max_prompt_chars,
+            trusted_proxy_hops=settings.trusted_proxy_hops,
+        ).suffix_routes()
+    )
     return Handler(
         endpoints,
         generate,
         access_log=access_log,
         cors_allowed_origins=settings.cors_allowed_origins,
         clock=timing.clock,
+        suffixes=suffixes,
     )
 
 
