@@ -29,6 +29,7 @@ from imagegen.config import Settings, load_settings
 from imagegen.dispatch import Dispatcher
 from imagegen.doors.documents import json_document_endpoint, openapi_endpoint, page_endpoint
 from imagegen.doors.json_api import JsonApi
+from imagegen.doors.image_files import FILES_SUFFIX, image_url_maker
 from imagegen.doors.openai_images import OpenAiImages
 from imagegen.errors import ConfigurationError
 from imagegen.http import AccessLog, Endpoint, Handler
@@ -72,10 +73,11 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
     dispatcher = parts.dispatcher or Dispatcher(
         create_backends(settings, new_session()), settings.max_retries, settings.failover_on_refusal
     )
+    store = parts.store or make_store(settings)
     service = GenerationService(
         settings,
         dispatcher,
-        parts.store or make_store(settings),
+        store,
         parts.state or make_state(settings.state),
         parts.slots,
         timing,
@@ -103,15 +105,20 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
         endpoints["/index.html"] = (page_endpoint("/index.html", page),)
     suffixes: dict[str, tuple[Endpoint, ...]] = {}
     # The Images API door (issue #20): its routes answer under any prefix.
+    image_urls, file_endpoint = image_url_maker(settings, store)
     suffixes.update(
         OpenAiImages(
             service,
             authenticator,
             catalog,
+            store,
+            image_urls,
             max_prompt_chars=settings.max_prompt_chars,
             trusted_proxy_hops=settings.trusted_proxy_hops,
         ).suffix_routes()
     )
+    if file_endpoint is not None:
+        suffixes[FILES_SUFFIX] = (file_endpoint,)
     return Handler(
         endpoints,
         generate,

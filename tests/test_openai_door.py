@@ -9,15 +9,17 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import flask
 import openai
 import pytest
+import requests
 from PIL import Image
 
 from imagegen.catalog import Catalog, Offer
 from imagegen.doors.openai_images import openai_error, parse_images_request
-from imagegen.errors import ContentRejected, InvalidRequest
+from imagegen.errors import ContentRejected, InvalidRequest, UrlSignatureInvalid
 from tests.conftest import TEST_TOKEN
-from tests.fake_router import FakeRouter
+from tests.fake_router import FakeRouter, make_png
 from tests.servers import Process, start_function
 
 API_KEY = "openai-door-test-key-0123456789"
@@ -49,8 +51,13 @@ def function_for(router: FakeRouter, folder: Path, **env: str) -> Process:
 
 
 @pytest.fixture(scope="module")
-def function(router: FakeRouter, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    process = function_for(router, tmp_path_factory.mktemp("openai-door"))
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("openai-door")
+
+
+@pytest.fixture(scope="module")
+def function(router: FakeRouter, folder: Path) -> Iterator[Process]:
+    process = function_for(router, folder)
     yield process
     process.stop()
 
@@ -166,6 +173,63 @@ def test_an_image_refused_at_admission_gives_back_the_budget_of_the_others(route
         assert len(client.images.generate(prompt="a last fox", size="256x256").data) == 1
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("fmt, pillow", [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_format_is_converted_and_stored_in_that_format(function: Process, folder: Path, fmt: str, pillow: str) -> None:
+    result = client_for(function).images.generate(
+        prompt=f"a {fmt} fox", size="256x256", output_format=fmt, output_compression=40
+    )
+    assert result.output_format == fmt
+    assert decoded(result.data[0].b64_json).format == pillow
+    path = Path(result.model_extra["imagegen"]["images"][0]["filePath"])
+    assert path.suffix == ".png" and path.exists()  # the PNG as made, with its parameters
+    converted = list(path.parent.glob(f"{path.stem}-{fmt}40.{fmt}"))
+    assert len(converted) == 1 and Image.open(converted[0]).format == pillow
+
+
+def test_a_seeded_repeat_serves_the_stored_conversion(function: Process, router: FakeRouter) -> None:
+    client = client_for(function)
+    ask = dict(prompt="a cached jpeg fox", size="256x256", output_format="jpeg", extra_body={"seed": 7})
+    first = client.images.generate(**ask)
+    before = len(router.posts())
+    again = client.images.generate(**ask)
+    assert len(router.posts()) == before  # nothing generated again
+    assert again.model_extra["imagegen"]["images"][0]["cached"] is True
+    assert again.data[0].b64_json == first.data[0].b64_json
+    other = client.images.generate(**{**ask, "output_compression": 10})
+    assert base64.b64decode(other.data[0].b64_json) != base64.b64decode(first.data[0].b64_json)
+
+
+def test_response_format_url_is_a_signed_url_the_function_serves(function: Process) -> None:
+    result = client_for(function).images.generate(prompt="a linked fox", size="256x256", response_format="url")
+    url = result.data[0].url
+    assert url.startswith(function.url + "/v1/images/files/") and result.data[0].b64_json is None
+    fetched = requests.get(url, timeout=10)
+    assert fetched.status_code == 200 and fetched.headers["Content-Type"] == "image/png"
+    assert Image.open(io.BytesIO(fetched.content)).size == (256, 256)
+    forged = requests.get(url[:-4] + ("0000" if not url.endswith("0000") else "1111"), timeout=10)
+    assert (forged.status_code, forged.json()["code"]) == (403, "invalid_signature")
+
+
+def test_a_url_expires(tmp_path: Path) -> None:
+    from imagegen.doors.image_files import LocalFileUrls
+    from imagegen.png_info import PngParts
+    from imagegen.storage import ImageMetadata, LocalImageStore
+
+    store = LocalImageStore(tmp_path, 10)
+    store.save(PngParts.of(make_png(8, 8)), "seeded/a-fox-1234", ImageMetadata("m", "a fox", 1))
+    now = [1_000_000.0]
+    urls = LocalFileUrls(store, b"k" * 32, 60, clock=lambda: now[0])
+    url = urls.url("http://h/v1", "seeded/a-fox-1234", "png")
+    path, query = url.removeprefix("http://h").split("?")
+    app = flask.Flask(__name__)
+    with app.test_request_context(path + "?" + query):
+        assert urls.serve(flask.request, None).status_code == 200
+        now[0] += 61
+        with pytest.raises(UrlSignatureInvalid) as caught:
+            urls.serve(flask.request, None)
+    assert caught.value.code == "url_expired"
 
 
 # --- the request and the error shape, without a server ---------------------------------------

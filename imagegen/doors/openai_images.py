@@ -30,12 +30,15 @@ import flask
 import pybase64
 
 from imagegen.auth import Authenticator, client_ip
+from imagegen.doors.image_files import ImageFile, in_format
 from imagegen.catalog import Catalog
 from imagegen.domain import GenerationRequest
 from imagegen.errors import ContentRejected, ImageGenError, InvalidRequest
 from imagegen.http import Endpoint, read_body, response
 from imagegen.record import RequestRecord
+from imagegen.png_info import PngParts
 from imagegen.service import Admission, GenerationService, Produced
+from imagegen.storage import ImageMetadata, ImageStore
 from imagegen.streaming import disconnect_probe
 from imagegen.validation import MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, MIN_STEPS, SIDE_STEP, check_content_type
 
@@ -59,6 +62,8 @@ KNOWN_FIELDS = (
     "background", "moderation", "style", "user", "stream", "partial_images",
     "seed", "negative_prompt", "steps", "guidance_scale",
 )  # fmt: skip
+# An image URL for (the caller's base URL, the stored name, its extension).
+ImageUrls = Callable[[str, str, str], str]
 IGNORED_HEADER = "X-Imagegen-Ignored"
 FAILED_HEADER = "X-Imagegen-Failed"
 # OpenAI's error `type` for a status; the SDKs choose the exception from the status alone.
@@ -105,12 +110,16 @@ class OpenAiImages:
         service: GenerationService,
         authenticator: Authenticator,
         catalog: Catalog,
+        store: ImageStore,
+        image_urls: ImageUrls,
         *,
         max_prompt_chars: int,
         trusted_proxy_hops: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._service = service
+        self._store = store
+        self._image_urls = image_urls
         self._authenticator = authenticator
         self._catalog = catalog
         self._max_prompt_chars = max_prompt_chars
@@ -151,13 +160,15 @@ class OpenAiImages:
         if not batch.made:
             raise batch.errors[0]
         ignored = ignored_fields(asked, batch.made)
+        with record.phase("format"):
+            items, warnings = self._items(request, asked, batch.made)
         headers = {"Content-Type": "application/json"}
         if ignored:
             headers[IGNORED_HEADER] = ", ".join(ignored)
         if batch.errors:
             headers[FAILED_HEADER] = str(len(batch.errors))
             record.fields["failed"] = len(batch.errors)
-        body, length = images_body(self._answer(asked, batch, ignored), batch.made)
+        body, length = images_body(self._answer(asked, batch, ignored, warnings), items)
         headers["Content-Length"] = str(length)
         return response(200, body, headers)
 
@@ -194,7 +205,40 @@ class OpenAiImages:
             (batch.errors if isinstance(outcome, ImageGenError) else batch.made).append(outcome)
         return batch
 
-    def _answer(self, asked: ImagesRequest, batch: Batch, ignored: tuple[str, ...]) -> dict[str, Any]:
+    def _items(
+        self, request: flask.Request, asked: ImagesRequest, made: list[Produced]
+    ) -> tuple[list[tuple[str, PngParts | str]], list[str]]:
+        """Each image as the answer carries it, ("b64_json", bytes) or ("url", URL), in the asked
+        format; and the warnings of what could not be done as asked."""
+        items: list[tuple[str, PngParts | str]] = []
+        warnings: list[str] = []
+        for produced in made:
+            metadata = ImageMetadata(model=produced.route.model, prompt=asked.generation.prompt, seed=produced.seed)
+            image, warning = in_format(self._store, produced.png, produced.stored_name, produced.file_path, metadata,
+                                       asked.output_format, asked.output_compression)  # fmt: skip
+            if warning:
+                warnings.append(warning)
+            items.append(self._item(request, asked, image, warnings))
+        return items, warnings
+
+    def _item(self, request: flask.Request, asked: ImagesRequest, image: ImageFile, warnings: list[str]) -> tuple[str, PngParts | str]:
+        if asked.response_format != "url":
+            return "b64_json", image.data
+        if image.stored_name is None:
+            warnings.append("An image that is not stored has no URL: it is in the answer as b64_json.")
+            return "b64_json", image.data
+        return "url", self._image_urls(self._base_url(request), image.stored_name, image.ext)
+
+    def _base_url(self, request: flask.Request) -> str:
+        """The scheme, host and path prefix the caller used: the URLs this function serves
+        itself answer under the same prefix as the door."""
+        scheme = request.scheme
+        forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        if self._hops and forwarded in ("http", "https"):
+            scheme = forwarded
+        return f"{scheme}://{request.host}{request.path[: -len(GENERATIONS_SUFFIX)]}"
+
+    def _answer(self, asked: ImagesRequest, batch: Batch, ignored: tuple[str, ...], notes: list[str]) -> dict[str, Any]:
         """The answer without its images: ImagesResponse's fields, and this function's own."""
         width, height = batch.made[0].size
         extension: dict[str, Any] = {
@@ -204,7 +248,7 @@ class OpenAiImages:
         }
         if batch.errors:
             extension["errors"] = [{"code": error.code, "message": error.message} for error in batch.errors]
-        warnings = list(dict.fromkeys(produced.warning for produced in batch.made if produced.warning))
+        warnings = list(dict.fromkeys([*(produced.warning for produced in batch.made if produced.warning), *notes]))
         if warnings:
             extension["warning"] = " ".join(warnings)
         return {
@@ -244,32 +288,39 @@ def ignored_fields(asked: ImagesRequest, made: list[Produced]) -> tuple[str, ...
     return tuple(dict.fromkeys((*asked.ignored, *from_backends)))
 
 
-def images_body(answer: dict[str, Any], made: list[Produced]) -> tuple[Iterator[bytes], int]:
+def images_body(answer: dict[str, Any], items: list[tuple[str, PngParts | str]]) -> tuple[Iterator[bytes], int]:
     """The answer JSON as pieces and its length, each image's base64 spliced in piece by
     piece (megabytes each: never one string per image, nor a joined answer)."""
-    from imagegen.doors.json_api import BASE64_PIECE
-
     head = b'{"data": ['
     tail = b"], " + json.dumps(answer, ensure_ascii=False)[1:].encode()
-    items: list[tuple[bytes, Produced]] = []
-    for index, produced in enumerate(made):
-        items.append(((b", " if index else b"") + b'{"b64_json": "', produced))
-    length = len(head) + len(tail) + sum(len(opening) + 4 * math.ceil(len(p.png) / 3) + 2 for opening, p in items)
+    parts: list[bytes | PngParts] = []
+    for index, (kind, value) in enumerate(items):
+        comma = b", " if index else b""
+        if isinstance(value, str):
+            parts.append(comma + json.dumps({kind: value}).encode())
+        else:
+            parts += [comma + b'{"b64_json": "', value, b'"}']
+    length = len(head) + len(tail) + sum(len(p) if isinstance(p, bytes) else 4 * math.ceil(len(p) / 3) for p in parts)
 
     def pieces() -> Iterator[bytes]:
         yield head
-        for opening, produced in items:
-            yield opening
-            png = produced.png
-            cut = -len(png.head) % 3
-            yield pybase64.b64encode(png.head + png.body[:cut].tobytes())
-            body = png.body[cut:]
-            for start in range(0, len(body), BASE64_PIECE):
-                yield pybase64.b64encode(body[start : start + BASE64_PIECE])
-            yield b'"}'
+        for part in parts:
+            yield from [part] if isinstance(part, bytes) else base64_pieces(part)
         yield tail
 
     return pieces(), length
+
+
+def base64_pieces(data: PngParts) -> Iterator[bytes]:
+    """The image's base64 in pieces; the small head topped up to a multiple of 3 bytes so
+    only the last piece can carry padding."""
+    from imagegen.doors.json_api import BASE64_PIECE
+
+    cut = -len(data.head) % 3
+    yield pybase64.b64encode(data.head + data.body[:cut].tobytes())
+    body = data.body[cut:]
+    for start in range(0, len(body), BASE64_PIECE):
+        yield pybase64.b64encode(body[start : start + BASE64_PIECE])
 
 
 def model_list(catalog: Catalog) -> list[dict[str, Any]]:
