@@ -33,7 +33,7 @@ from imagegen.auth import Authenticator, client_ip
 from imagegen.doors.image_files import ImageFile, in_format
 from imagegen.catalog import Catalog
 from imagegen.domain import GenerationRequest
-from imagegen.errors import ContentRejected, ImageGenError, InvalidRequest
+from imagegen.errors import ContentRejected, ImageGenError, InvalidRequest, UpstreamError
 from imagegen.http import Endpoint, read_body, response
 from imagegen.record import RequestRecord
 from imagegen.png_info import PngParts
@@ -227,7 +227,11 @@ class OpenAiImages:
         if image.stored_name is None:
             warnings.append("An image that is not stored has no URL: it is in the answer as b64_json.")
             return "b64_json", image.data
-        return "url", self._image_urls(self._base_url(request), image.stored_name, image.ext)
+        try:
+            return "url", self._image_urls(self._base_url(request), image.stored_name, image.ext)
+        except UpstreamError as error:  # signing failed: the image is paid for, answer it anyway
+            warnings.append(f"{error.message} The image is in the answer as b64_json.")
+            return "b64_json", image.data
 
     def _base_url(self, request: flask.Request) -> str:
         """The scheme, host and path prefix the caller used: the URLs this function serves
