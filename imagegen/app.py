@@ -113,6 +113,7 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
             catalog,
             store,
             image_urls,
+            access_log,
             max_prompt_chars=settings.max_prompt_chars,
             trusted_proxy_hops=settings.trusted_proxy_hops,
         ).suffix_routes()

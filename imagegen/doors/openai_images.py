@@ -34,12 +34,12 @@ from imagegen.doors.image_files import ImageFile, in_format
 from imagegen.catalog import Catalog
 from imagegen.domain import GenerationRequest
 from imagegen.errors import ContentRejected, ImageGenError, InvalidRequest, UpstreamError
-from imagegen.http import Endpoint, read_body, response
+from imagegen.http import AccessLog, Endpoint, note_error, read_body, response
 from imagegen.record import RequestRecord
 from imagegen.png_info import PngParts
 from imagegen.service import Admission, GenerationService, Produced
 from imagegen.storage import ImageMetadata, ImageStore
-from imagegen.streaming import disconnect_probe
+from imagegen.streaming import EVENT_STREAM, disconnect_probe
 from imagegen.validation import MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, MIN_STEPS, SIDE_STEP, check_content_type
 
 GENERATIONS_SUFFIX = "/images/generations"
@@ -112,6 +112,7 @@ class OpenAiImages:
         catalog: Catalog,
         store: ImageStore,
         image_urls: ImageUrls,
+        access_log: AccessLog,
         *,
         max_prompt_chars: int,
         trusted_proxy_hops: int,
@@ -120,6 +121,7 @@ class OpenAiImages:
         self._service = service
         self._store = store
         self._image_urls = image_urls
+        self._log = access_log
         self._authenticator = authenticator
         self._catalog = catalog
         self._max_prompt_chars = max_prompt_chars
@@ -156,6 +158,8 @@ class OpenAiImages:
             check_content_type(request.headers.get("Content-Type"))
             asked = parse_images_request(read_body(request), self._catalog, self._max_prompt_chars)
         admissions = self._admit_all(asked, caller, record)
+        if asked.stream:
+            return self._stream(request, record, asked, admissions)
         batch = self._produce_all(admissions, disconnect_probe(request.environ))
         if not batch.made:
             raise batch.errors[0]
@@ -171,6 +175,47 @@ class OpenAiImages:
         body, length = images_body(self._answer(asked, batch, ignored, warnings), items)
         headers["Content-Length"] = str(length)
         return response(200, body, headers)
+
+    def _stream(
+        self, request: flask.Request, record: RequestRecord, asked: ImagesRequest, admissions: list[Admission]
+    ) -> flask.Response:
+        from imagegen.doors.openai_stream import ImagesStream
+
+        facts = self._log.facts(request)
+        record.fields["stream"] = True
+
+        def finish(produced: Produced) -> tuple[dict[str, Any], PngParts]:
+            metadata = ImageMetadata(model=produced.route.model, prompt=asked.generation.prompt, seed=produced.seed)
+            image, _ = in_format(self._store, produced.png, produced.stored_name, produced.file_path, metadata,
+                                 asked.output_format, asked.output_compression)  # fmt: skip
+            width, height = produced.size
+            fields = {
+                "created_at": int(self._clock()),
+                "size": f"{width}x{height}" if width and height else "auto",
+                "output_format": asked.output_format,
+                "quality": asked.quality or "auto",
+                "background": asked.background or "opaque",
+                "imagegen": {**image_facts(produced), "ignored": list(ignored_fields(asked, [produced])),
+                             **({"warning": produced.warning} if produced.warning else {})},
+            }  # fmt: skip
+            return fields, image.data
+
+        def error_object(error: ImageGenError) -> dict[str, Any]:
+            note_error(record, error)
+            return openai_error(error, record.request_id)
+
+        def finished(status: int, sent: int) -> None:
+            if status == 499:
+                record.fields["code"] = "cancelled"
+                record.fields["clientClosed"] = True
+            self._log.write(lambda: facts, status, sent, record)
+
+        stream = ImagesStream(self._service, admissions, asked.partial_images, finish, error_object,
+                              disconnect_probe(request.environ), finished)  # fmt: skip
+        headers = {"Content-Type": EVENT_STREAM, "X-Accel-Buffering": "no"}
+        if asked.ignored:
+            headers[IGNORED_HEADER] = ", ".join(asked.ignored)
+        return response(200, stream.body(), headers)
 
     def _admit_all(self, asked: ImagesRequest, caller: str, record: RequestRecord) -> list[Admission]:
         """Each image admitted on its own: the limits count images, not requests. One refused
@@ -377,6 +422,12 @@ def parse_images_request(body: bytes, catalog: Catalog, max_prompt_chars: int) -
     stream = data.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("stream", "true or false", stream)
+    partial_images = _integer(data, "partial_images", 0, 3) or 0
+    if partial_images and not stream:
+        ignored.append("partial_images")  # only a stream carries them
+    response_format = _choice(data, "response_format", RESPONSE_FORMATS) or "b64_json"
+    if stream and response_format == "url":
+        ignored.append("response_format")  # a stream carries the images themselves
     return ImagesRequest(
         generation=GenerationRequest(
             prompt=prompt,
@@ -388,15 +439,16 @@ def parse_images_request(body: bytes, catalog: Catalog, max_prompt_chars: int) -
             steps=_integer(data, "steps", MIN_STEPS, MAX_STEPS),
             guidance_scale=_number(data, "guidance_scale", 0.0, 30.0),
             seed=_integer(data, "seed", 0, MAX_SEED),
+            partial_images=partial_images if stream else 0,
         ),
         n=_integer(data, "n", 1, MAX_IMAGES) or 1,
-        response_format=_choice(data, "response_format", RESPONSE_FORMATS) or "b64_json",
+        response_format=response_format,
         output_format=output_format,
         output_compression=compression if output_format != "png" else None,
         quality=quality if isinstance(quality, str) else None,
         background=background if background in ("opaque",) else None,
         stream=bool(stream),
-        partial_images=_integer(data, "partial_images", 0, 3) or 0,
+        partial_images=partial_images if stream else 0,
         ignored=tuple(dict.fromkeys(ignored)),
     )
 
