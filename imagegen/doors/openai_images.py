@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import quote
 
 import flask
 import pybase64
@@ -65,6 +66,7 @@ KNOWN_FIELDS = (
 # An image URL for (the caller's base URL, the stored name, its extension).
 ImageUrls = Callable[[str, str, str], str]
 IGNORED_HEADER = "X-Imagegen-Ignored"
+MAX_IGNORED_HEADER_CHARS = 1000
 FAILED_HEADER = "X-Imagegen-Failed"
 # OpenAI's error `type` for a status; the SDKs choose the exception from the status alone.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -168,7 +170,7 @@ class OpenAiImages:
             items, warnings = self._items(request, asked, batch.made)
         headers = {"Content-Type": "application/json"}
         if ignored:
-            headers[IGNORED_HEADER] = ", ".join(ignored)
+            headers[IGNORED_HEADER] = ignored_header(ignored)
         if batch.errors:
             headers[FAILED_HEADER] = str(len(batch.errors))
             record.fields["failed"] = len(batch.errors)
@@ -214,7 +216,7 @@ class OpenAiImages:
                               disconnect_probe(request.environ), finished)  # fmt: skip
         headers = {"Content-Type": EVENT_STREAM, "X-Accel-Buffering": "no"}
         if asked.ignored:
-            headers[IGNORED_HEADER] = ", ".join(asked.ignored)
+            headers[IGNORED_HEADER] = ignored_header(asked.ignored)
         return response(200, stream.body(), headers)
 
     def _admit_all(self, asked: ImagesRequest, caller: str, record: RequestRecord) -> list[Admission]:
@@ -308,6 +310,14 @@ class OpenAiImages:
             "size": f"{width}x{height}" if width and height else "auto",
             "imagegen": extension,
         }
+
+
+def ignored_header(names: tuple[str, ...]) -> str:
+    """The ignored fields as a header value: each name percent-encoded where it is not a plain
+    token (a field name may hold any character), at most MAX_IGNORED_HEADER_CHARS in all (the
+    answer's `imagegen.ignored` has them all)."""
+    value = ", ".join(quote(name, safe="_-.") for name in names)
+    return value if len(value) <= MAX_IGNORED_HEADER_CHARS else value[: MAX_IGNORED_HEADER_CHARS - 3].rsplit(",", 1)[0] + ", ..."
 
 
 def image_generation(generation: GenerationRequest, index: int) -> GenerationRequest:
