@@ -60,6 +60,8 @@ class GeneratedImage:
     ignored: tuple[str, ...] = ()
     request_id: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)  # e.g. queued, model
+    # What the vendor reports it counted for this image (input, output, total tokens), when it does.
+    usage: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class Produced:
     ignored: tuple[str, ...] = ()
     warning: str | None = None
     stored_name: str | None = None  # the store's name for it; None when storing failed
+    usage: dict[str, int] | None = None  # as the vendor reported it (GeneratedImage.usage)
 
     @property
     def size(self) -> tuple[int | None, int | None]:
@@ -315,6 +316,7 @@ class GenerationService:
             ignored=ignored,
             warning=" ".join(warnings) or None,
             stored_name=name if file_path else None,
+            usage=image.usage,
         )
 
     def _name_for(self, generation: GenerationRequest, image: GeneratedImage, caller_seed: int | None) -> str:

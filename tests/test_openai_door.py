@@ -272,3 +272,24 @@ def test_bad_fields_name_their_param(fields: dict, param: str) -> None:
 def test_a_refusal_is_a_content_policy_violation() -> None:
     error = openai_error(ContentRejected("The vendor's safety system refused the prompt."), "req")["error"]
     assert (error["code"], error["type"]) == ("content_policy_violation", "invalid_request_error")
+
+
+def test_usage_is_what_the_vendor_reported_summed_over_the_images(tmp_path: Path) -> None:
+    from tests.fake_openai import FakeOpenAI
+
+    key = "sk-proj-OpenAIKeyThatMustNeverLeak0123456789"
+    with FakeOpenAI(key) as vendor:
+        process = start_function(
+            {"BACKENDS": "openai", "OPENAI_API_KEY": key, "OPENAI_BASE_URL": vendor.base_url, "OPENAI_MODEL": "gpt-image-2",
+             "IMAGE_DIR": str(tmp_path / "images"), "MAX_RETRIES": "0"},
+            tmp_path / "function.log",
+        )  # fmt: skip
+        try:
+            client = openai.OpenAI(base_url=process.url + "/v1", api_key="any", max_retries=0, timeout=60)
+            result = client.images.generate(model="gpt-image-2", prompt="a red fox", n=2, size="1024x1024")
+        finally:
+            process.stop()
+    assert len(result.data) == 2
+    # The stand-in counts 12 input and 1056 output tokens per image (one image per call).
+    assert (result.usage.input_tokens, result.usage.output_tokens, result.usage.total_tokens) == (24, 2112, 2136)
+    assert decoded(result.data[0].b64_json).size == (1024, 1024)

@@ -31,7 +31,7 @@ import flask
 import pybase64
 
 from imagegen.auth import Authenticator, client_ip
-from imagegen.doors.image_files import ImageFile, in_format
+from imagegen.doors.image_files import ImageFile, base64_pieces, in_format
 from imagegen.catalog import Catalog
 from imagegen.domain import GenerationRequest
 from imagegen.errors import ContentRejected, ImageGenError, InvalidRequest, UpstreamError
@@ -197,6 +197,7 @@ class OpenAiImages:
                 "output_format": asked.output_format,
                 "quality": asked.quality or "auto",
                 "background": asked.background or "opaque",
+                **({"usage": produced.usage} if produced.usage else {}),
                 "imagegen": {**image_facts(produced), "ignored": list(ignored_fields(asked, [produced])),
                              **({"warning": produced.warning} if produced.warning else {})},
             }  # fmt: skip
@@ -302,7 +303,9 @@ class OpenAiImages:
         warnings = list(dict.fromkeys([*(produced.warning for produced in batch.made if produced.warning), *notes]))
         if warnings:
             extension["warning"] = " ".join(warnings)
+        usage = total_usage(batch.made)
         return {
+            **({"usage": usage} if usage else {}),
             "created": int(self._clock()),
             "background": asked.background or "opaque",
             "output_format": asked.output_format,
@@ -310,6 +313,15 @@ class OpenAiImages:
             "size": f"{width}x{height}" if width and height else "auto",
             "imagegen": extension,
         }
+
+
+def total_usage(made: list[Produced]) -> dict[str, int] | None:
+    """The vendors' token counts summed over the images that report them (OpenAI's `usage`)."""
+    reported = [produced.usage for produced in made if produced.usage]
+    if not reported:
+        return None
+    names = dict.fromkeys(name for usage in reported for name in usage)
+    return {name: sum(usage.get(name, 0) for usage in reported) for name in names}
 
 
 def ignored_header(names: tuple[str, ...]) -> str:
@@ -368,18 +380,6 @@ def images_body(answer: dict[str, Any], items: list[tuple[str, PngParts | str]])
         yield tail
 
     return pieces(), length
-
-
-def base64_pieces(data: PngParts) -> Iterator[bytes]:
-    """The image's base64 in pieces; the small head topped up to a multiple of 3 bytes so
-    only the last piece can carry padding."""
-    from imagegen.doors.json_api import BASE64_PIECE
-
-    cut = -len(data.head) % 3
-    yield pybase64.b64encode(data.head + data.body[:cut].tobytes())
-    body = data.body[cut:]
-    for start in range(0, len(body), BASE64_PIECE):
-        yield pybase64.b64encode(body[start : start + BASE64_PIECE])
 
 
 def model_list(catalog: Catalog) -> list[dict[str, Any]]:

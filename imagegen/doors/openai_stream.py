@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from imagegen.doors.image_files import base64_pieces
 from imagegen.errors import ImageGenError
 from imagegen.png_info import PngParts
 from imagegen.service import Admission, GenerationService, Produced
@@ -34,8 +35,6 @@ PARTIAL_PROGRESS_EVENT = "partial_image"
 
 def sse(name: str, head: dict[str, Any], image: PngParts | None = None) -> Iterator[bytes]:
     """One event; an image's base64 spliced in as `b64_json`, piece by piece."""
-    from imagegen.doors.openai_images import base64_pieces
-
     if image is None:
         yield f"event: {name}\ndata: {json.dumps(head, ensure_ascii=False)}\n\n".encode()
         return
