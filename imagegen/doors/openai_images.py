@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,6 @@ from typing import Any
 from urllib.parse import quote
 
 import flask
-import pybase64
 
 from imagegen.auth import Authenticator, client_ip
 from imagegen.doors.image_files import ImageFile, base64_pieces, in_format
