@@ -272,7 +272,7 @@ class GenerationService:
         stored_seed = png_text(png, "seed")
         if stored_seed and stored_seed.isascii() and stored_seed.isdigit() and len(stored_seed) <= 10:
             seed = int(stored_seed)
-        return Produced(PngParts.of(png), route, seed, file_path, cached=True)
+        return Produced(PngParts.of(png), route, seed, file_path, cached=True, stored_name=name)
 
     def _produce(self, admission: Admission, context: GenerationContext) -> Produced:
         """Generate, embed the parameters, store: the image and where it went."""

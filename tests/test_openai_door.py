@@ -293,3 +293,12 @@ def test_usage_is_what_the_vendor_reported_summed_over_the_images(tmp_path: Path
     # The stand-in counts 12 input and 1056 output tokens per image (one image per call).
     assert (result.usage.input_tokens, result.usage.output_tokens, result.usage.total_tokens) == (24, 2112, 2136)
     assert decoded(result.data[0].b64_json).size == (1024, 1024)
+
+
+def test_a_cached_image_is_answered_as_a_url_too(function: Process) -> None:
+    client = client_for(function)
+    ask = dict(prompt="a cached linked fox", size="256x256", response_format="url", output_format="webp", extra_body={"seed": 9})
+    first, again = client.images.generate(**ask), client.images.generate(**ask)
+    assert again.model_extra["imagegen"]["images"][0]["cached"] is True
+    assert again.data[0].url is not None and again.data[0].url.split("?")[0] == first.data[0].url.split("?")[0]
+    assert requests.get(again.data[0].url, timeout=10).headers["Content-Type"] == "image/webp"
