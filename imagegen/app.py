@@ -30,6 +30,8 @@ from imagegen.dispatch import Dispatcher
 from imagegen.doors.a1111 import A1111Api
 from imagegen.doors.documents import json_document_endpoint, openapi_endpoint, page_endpoint
 from imagegen.doors.json_api import JsonApi
+from imagegen.doors.image_files import FILES_SUFFIX, image_url_maker
+from imagegen.doors.openai_images import OpenAiImages
 from imagegen.errors import ConfigurationError
 from imagegen.http import AccessLog, Endpoint, Handler
 from imagegen.images import configure_decoding
@@ -73,10 +75,11 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
     dispatcher = parts.dispatcher or Dispatcher(
         create_backends(settings, new_session()), settings.max_retries, settings.failover_on_refusal
     )
+    store = parts.store or make_store(settings)
     service = GenerationService(
         settings,
         dispatcher,
-        parts.store or make_store(settings),
+        store,
         parts.state or make_state(settings.state),
         parts.slots,
         timing,
@@ -112,13 +115,31 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
         trusted_proxy_hops=settings.trusted_proxy_hops,
         clock=timing.clock,
     )
+    suffixes: dict[str, tuple[Endpoint, ...]] = {}
+    # The Images API door (issue #20): its routes answer under any prefix.
+    image_urls, file_endpoint = image_url_maker(settings, store)
+    suffixes.update(
+        OpenAiImages(
+            service,
+            authenticator,
+            catalog,
+            store,
+            image_urls,
+            access_log,
+            max_prompt_chars=settings.max_prompt_chars,
+            trusted_proxy_hops=settings.trusted_proxy_hops,
+        ).suffix_routes()
+    )
+    if file_endpoint is not None:
+        suffixes[FILES_SUFFIX] = (file_endpoint,)
+    suffixes.update(a1111.suffix_routes())
     return Handler(
         endpoints,
         generate,
         access_log=access_log,
         cors_allowed_origins=settings.cors_allowed_origins,
         clock=timing.clock,
-        suffixes=a1111.suffix_routes(),
+        suffixes=suffixes,
     )
 
 

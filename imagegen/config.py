@@ -64,6 +64,48 @@ class BackendSettings:
     options: Mapping[str, str] = field(default_factory=dict)
 
 
+DEFAULT_IMAGE_URL_EXPIRY_SECONDS = 3600
+# V4 signed URLs of Cloud Storage last at most seven days.
+MAX_IMAGE_URL_EXPIRY_SECONDS = 7 * 24 * 3600
+DEFAULT_SIGN_BLOB_URL = "https://iamcredentials.googleapis.com/v1"
+MIN_SIGNING_KEY_CHARS = 32
+
+
+@dataclass(frozen=True)
+class ImageUrlSettings:
+    """How the images a door answers as URLs are signed (imagegen.doors.image_files,
+    imagegen.signing)."""
+
+    # HMAC key of the URLs the function serves itself (no bucket); None: random per process.
+    signing_key: str | None = field(default=None, repr=False)
+    expiry_seconds: int = DEFAULT_IMAGE_URL_EXPIRY_SECONDS
+    # The IAM Credentials API that signs a bucket's V4 URLs (signBlob), and the account that
+    # signs: the runtime's own when unset.
+    sign_blob_url: str = DEFAULT_SIGN_BLOB_URL
+    service_account: str | None = None
+
+
+def _image_url_settings(get: Callable[[str], str | None]) -> ImageUrlSettings:
+    key = get("IMAGE_URL_SIGNING_KEY")
+    if key is not None and len(key) < MIN_SIGNING_KEY_CHARS:
+        raise ConfigurationError(
+            f"IMAGE_URL_SIGNING_KEY must be at least {MIN_SIGNING_KEY_CHARS} characters long "
+            "(for example: python3 -c 'import secrets; print(secrets.token_urlsafe(32))').",
+            code="invalid_configuration",
+        )
+    return ImageUrlSettings(
+        signing_key=key,
+        expiry_seconds=int(
+            parse_number(
+                "IMAGE_URL_EXPIRY_SECONDS", get("IMAGE_URL_EXPIRY_SECONDS"), DEFAULT_IMAGE_URL_EXPIRY_SECONDS,
+                1, MAX_IMAGE_URL_EXPIRY_SECONDS, integer=True,
+            )
+        ),  # fmt: skip
+        sign_blob_url=check_http_url("IMAGE_URL_SIGN_BLOB_URL", get("IMAGE_URL_SIGN_BLOB_URL") or DEFAULT_SIGN_BLOB_URL).rstrip("/"),
+        service_account=get("IMAGE_URL_SERVICE_ACCOUNT"),
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
@@ -104,6 +146,7 @@ class Settings:
         default_factory=lambda: StateSettings(RatePolicy(DEFAULT_RATE_LIMIT_PER_MINUTE, DEFAULT_RATE_LIMIT_BURST)),
         repr=False,
     )
+    image_urls: ImageUrlSettings = field(default_factory=ImageUrlSettings)
 
     def require_backends(self) -> tuple[str, ...]:
         if not self.backends:
@@ -200,6 +243,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         decode_memory_mib=_optional_mib("DECODE_MEMORY_MIB", get("DECODE_MEMORY_MIB")),
         max_decode_memory_mib=_optional_mib("MAX_DECODE_MEMORY_MIB", get("MAX_DECODE_MEMORY_MIB")),
         serve_page=parse_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
+        image_urls=_image_url_settings(get),
         max_prompt_chars=int(
             parse_number(
                 "MAX_PROMPT_CHARS",

@@ -25,6 +25,10 @@ class GenerationRequest:
     steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
+    # How many intermediate images a streamed caller wants to see (the Images API door's
+    # partial_images): a backend that can show them reports each as a `partial_image` progress
+    # event with its `png`. Not part of the recipe: the image is the same either way.
+    partial_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class GeneratedImage:
     ignored: tuple[str, ...] = ()
     request_id: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)  # e.g. queued, model
+    # What the vendor reports it counted for this image (input, output, total tokens), when it does.
+    usage: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)

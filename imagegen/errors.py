@@ -64,6 +64,20 @@ class RateLimited(ImageGenError):
     # The refusing bucket (an imagegen.state.base.RateDecision), for the RateLimit headers of
     # the 429; None if raised elsewhere.
     decision: object | None = None
+
+
+class UrlSignatureInvalid(ImageGenError):
+    """An image URL whose signature does not match, or whose time is up."""
+
+    status = 403
+    code = "invalid_signature"
+
+
+class ImageNotFound(ImageGenError):
+    """A signed image URL whose file is not (or no longer) in this instance's store."""
+
+    status = 404
+    code = "image_not_found"
 # The connection's own errors, answered by the server before the handler runs (imagegen/connections.py).
 
 

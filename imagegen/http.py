@@ -199,7 +199,15 @@ class Handler:
             return error_response(error, record.request_id, endpoint.error_shape)
 
     def _by_suffix(self, path: str) -> tuple[Endpoint, ...] | None:
-        return next((endpoints for suffix, endpoints in self._suffixes if path.endswith(suffix)), None)
+        return next((endpoints for suffix, endpoints in self._suffixes if _ends_with(path, suffix)), None)
+
+
+def _ends_with(path: str, suffix: str) -> bool:
+    """A suffix route's match; one ending in "/*" takes any last segment ("/images/files/*")."""
+    if suffix.endswith("/*"):
+        folder, _, last = path.rpartition("/")
+        return bool(last) and folder.endswith(suffix[:-2])
+    return path.endswith(suffix)
 
 
 def read_body(request: flask.Request) -> bytes:

@@ -64,6 +64,7 @@ class Produced:
     warning: str | None = None
     stored_name: str | None = None  # the store's name for it; None when storing failed
     placeholder: bool = False  # drawn without a model (the demo): never stored, never "cached"
+    usage: dict[str, int] | None = None  # as the vendor reported it (GeneratedImage.usage)
 
     @property
     def size(self) -> tuple[int | None, int | None]:
@@ -288,7 +289,14 @@ class GenerationService:
             seed = int(stored_seed)
         ignored = tuple(name for name in (png_text(png, "ignored") or "").split(",") if name in IGNORABLE_FIELDS)
         return Produced(
-            PngParts.of(png), route, seed, file_path, cached=True, ignored=ignored, warning=ignored_warning(route.backend, ignored)
+            PngParts.of(png),
+            route,
+            seed,
+            file_path,
+            cached=True,
+            ignored=ignored,
+            warning=ignored_warning(route.backend, ignored),
+            stored_name=name,
         )
 
     def _produce(self, admission: Admission, context: GenerationContext) -> Produced:
@@ -335,6 +343,7 @@ class GenerationService:
             warning=" ".join(warnings) or None,
             stored_name=name if file_path else None,
             placeholder=placeholder,
+            usage=image.usage,
         )
 
     def _name_for(self, generation: GenerationRequest, image: GeneratedImage, caller_seed: int | None) -> str:

@@ -41,6 +41,9 @@ LOAD_BUDGET_SECONDS = 5.0
 SAVE_BUDGET_SECONDS = 20.0
 # Connecting to Cloud Storage takes milliseconds when it works.
 CONNECT_TIMEOUT_SECONDS = 3.0
+# The formats a store keeps, by file extension: PNG (what the service makes), and what a door
+# may convert it to (the Images API door's output_format).
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,15 @@ class ImageMetadata:
 
 
 class ImageStore(Protocol):
-    def save(self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None) -> str:
-        """Store under `name` (no '.png'; may hold one '/') within `budget_seconds` (at most
-        SAVE_BUDGET_SECONDS); the filePath, or StorageError."""
+    def save(
+        self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None, ext: str = "png"
+    ) -> str:
+        """Store under `name` (no extension; may hold one '/') within `budget_seconds` (at most
+        SAVE_BUDGET_SECONDS), as `name.ext` (a key of CONTENT_TYPES); the filePath, or StorageError."""
         ...
 
-    def load(self, name: str, budget_seconds: float | None = None) -> tuple[bytes, str] | None:
-        """(the PNG, its filePath) when `name` is stored; None when not, when it cannot be read,
+    def load(self, name: str, budget_seconds: float | None = None, ext: str = "png") -> tuple[bytes, str] | None:
+        """(the image, its filePath) when `name` is stored; None when not, when it cannot be read,
         or when it cannot be read within `budget_seconds` (at most LOAD_BUDGET_SECONDS)."""
         ...
 
@@ -107,10 +112,12 @@ class LocalImageStore:
         self._saves_since_prune = 0
         self._prune_lock = threading.Lock()
 
-    def save(self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None) -> str:
+    def save(
+        self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None, ext: str = "png"
+    ) -> str:
         # A local write has no network to wait for: the budget is not needed.
-        _check_name(name)
-        path = self._directory / f"{name}.png"
+        _check_name(name, ext)
+        path = self._directory / f"{name}.{ext}"
         partial = path.with_name(f".{path.name}.partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,10 +136,10 @@ class LocalImageStore:
             self._prune(path.parent)
         return str(path)
 
-    def load(self, name: str, budget_seconds: float | None = None) -> tuple[bytes, str] | None:
-        if not is_valid_image_name(name):
+    def load(self, name: str, budget_seconds: float | None = None, ext: str = "png") -> tuple[bytes, str] | None:
+        if not is_valid_image_name(name) or ext not in CONTENT_TYPES:
             return None
-        path = self._directory / f"{name}.png"
+        path = self._directory / f"{name}.{ext}"
         try:
             return path.read_bytes(), str(path)
         except OSError:
@@ -154,7 +161,7 @@ class LocalImageStore:
                 files = sorted(
                     (entry.stat().st_mtime, entry.name)
                     for entry in entries
-                    if entry.name.endswith(".png") and entry.is_file()
+                    if entry.name.endswith((".png", ".jpeg", ".webp")) and entry.is_file()
                 )
             for _, old in files[: max(0, len(files) - self._max_files)]:
                 (directory / old).unlink(missing_ok=True)
@@ -171,9 +178,11 @@ class GcsImageStore:
         self._bucket = None
         self._client_lock = threading.Lock()
 
-    def save(self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None) -> str:
-        _check_name(name)
-        object_name = f"{self._prefix}{name}.png"
+    def save(
+        self, png: PngParts, name: str, metadata: ImageMetadata, budget_seconds: float | None = None, ext: str = "png"
+    ) -> str:
+        _check_name(name, ext)
+        object_name = f"{self._prefix}{name}.{ext}"
         budget = _budget(budget_seconds, SAVE_BUDGET_SECONDS)
         ends = time.monotonic() + budget
         try:
@@ -187,7 +196,7 @@ class GcsImageStore:
             with outbound.deadline(budget):
                 blob.upload_from_string(
                     png.tobytes(),
-                    content_type="image/png",
+                    content_type=CONTENT_TYPES[ext],
                     if_generation_match=0,
                     timeout=_timeout(budget),
                     retry=_retry(budget),
@@ -203,10 +212,10 @@ class GcsImageStore:
             raise StorageError(_gcs_failure(error)) from None
         return f"gs://{self._bucket_name}/{object_name}"
 
-    def load(self, name: str, budget_seconds: float | None = None) -> tuple[bytes, str] | None:
-        if not is_valid_image_name(name):
+    def load(self, name: str, budget_seconds: float | None = None, ext: str = "png") -> tuple[bytes, str] | None:
+        if not is_valid_image_name(name) or ext not in CONTENT_TYPES:
             return None
-        object_name = f"{self._prefix}{name}.png"
+        object_name = f"{self._prefix}{name}.{ext}"
         budget = _budget(budget_seconds, LOAD_BUDGET_SECONDS)
         try:
             blob = self._get_bucket().blob(object_name)
@@ -237,8 +246,8 @@ class GcsImageStore:
             return self._bucket
 
 
-def _check_name(name: str) -> None:
-    if not is_valid_image_name(name):
+def _check_name(name: str, ext: str = "png") -> None:
+    if not is_valid_image_name(name) or ext not in CONTENT_TYPES:
         # Names are made here, never taken from a caller: this is a bug, not bad input.
         raise StorageError("the image's name is not one this store makes")
 def _session(credentials):

@@ -43,7 +43,7 @@ def read_env_yaml() -> dict[str, str]:
 
 # Secrets reach the function through Secret Manager (--set-secrets), never env.yaml.
 # STATE_URL holds the Redis password when there is one.
-SECRETS = {"API_KEYS", "STATE_URL"} | {variable for spec in BACKENDS.values() for variable in spec.key_variables}
+SECRETS = {"API_KEYS", "STATE_URL", "IMAGE_URL_SIGNING_KEY"} | {variable for spec in BACKENDS.values() for variable in spec.key_variables}
 
 
 def backend_variables() -> set[str]:

@@ -45,10 +45,13 @@ class DemoBackend:
         return [Route(backend=self.name, model=model)]
 
     def generate(self, route: Route, request: GenerationRequest, context: GenerationContext) -> GeneratedImage:
+        width, height = requested_shape(request.width, request.height) or (DEFAULT_SIDE, DEFAULT_SIDE)
         for step in range(1, DEMO_STEPS + 1):
             context.wait(self._step_seconds)  # raises Cancelled as soon as the caller leaves
             report_progress(context, Progress(step, DEMO_STEPS))
-        width, height = requested_shape(request.width, request.height) or (DEFAULT_SIDE, DEFAULT_SIDE)
+            if step < DEMO_STEPS and step <= request.partial_images:
+                # An intermediate image for a caller that asked to see them (the placeholder, labelled).
+                context.progress("partial_image", png=placeholder_png(width, height, f"step {step} of {DEMO_STEPS}: {request.prompt}"))
         return GeneratedImage(png=placeholder_png(width, height, request.prompt), route=route, seed=None)
 
 

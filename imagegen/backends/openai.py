@@ -181,8 +181,9 @@ class OpenAIBackend:
                 ) from None
             raise
         with reading_answer(call):
-            png = to_png(first_b64_image(json_object(answer.body)), context)
-        return GeneratedImage(png=png, route=route, seed=None, request_id=call.request_id)
+            body = json_object(answer.body)
+            png = to_png(first_b64_image(body), context)
+        return GeneratedImage(png=png, route=route, seed=None, request_id=call.request_id, usage=token_usage(body.get("usage")))
 
     def _check_configuration(self, model: str) -> str:
         """The key, once the settings are known to be usable. Checked per request rather than
@@ -197,6 +198,19 @@ class OpenAIBackend:
                 code="invalid_configuration",
             )
         return key
+
+
+def token_usage(value: Any) -> dict[str, int] | None:
+    """The answer's `usage` token counts (what a caller of the Images API door sees), whole
+    numbers only: what a vendor answers is data, not truth."""
+    if not isinstance(value, dict):
+        return None
+    counts = {
+        name: count
+        for name in ("input_tokens", "output_tokens", "total_tokens")
+        if isinstance(count := value.get(name), int) and not isinstance(count, bool) and 0 <= count < 10**12
+    }
+    return counts or None
 
 
 def parse_quality(raw: str | None) -> str | None:

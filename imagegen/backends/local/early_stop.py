@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from imagegen.backends.base import GenerationContext
+from imagegen.backends.local.preview import latent_preview_png, preview_steps
 from imagegen.errors import Cancelled, ImageGenError, UpstreamTimeout
 
 
@@ -26,16 +27,25 @@ def stop_reason(context: GenerationContext) -> str | None:
     return None
 
 
-def step_callback(context: GenerationContext, steps: int | None):
-    """diffusers' `callback_on_step_end`: reports progress, and stops at the next step."""
+def step_callback(context: GenerationContext, steps: int | None, partial_images: int = 0, size: tuple[int, int] | None = None):
+    """diffusers' `callback_on_step_end`: reports progress, and stops at the next step; with
+    `partial_images`, that many approximate previews of the latents (local/preview.py) as
+    `partial_image` events."""
+    previewed = 0
 
     def on_step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        nonlocal previewed
         stop = stop_reason(context)
         if stop is not None:
             raise Stop(stop)
         total = getattr(pipeline, "num_timesteps", None) or steps or step + 1
         done = min(step + 1, total)
         context.progress("progress", step=done, steps=total, fraction=round(done / total, 4))
+        if previewed < partial_images and done in preview_steps(total, partial_images) and "latents" in tensors:
+            png = latent_preview_png(tensors["latents"], size)
+            if png is not None:
+                previewed += 1
+                context.progress("partial_image", png=png)
         return tensors
 
     return on_step_end

@@ -33,7 +33,10 @@ def run_pipeline(
     arguments["generator"] = torch.Generator(device="cpu").manual_seed(seed)
     arguments["output_type"] = "pil"
     if "callback_on_step_end" in accepts:
-        arguments["callback_on_step_end"] = step_callback(context, arguments.get("num_inference_steps"))
+        size = (arguments["width"], arguments["height"]) if arguments.get("width") and arguments.get("height") else None
+        arguments["callback_on_step_end"] = step_callback(
+            context, arguments.get("num_inference_steps"), request.partial_images, size
+        )
     stop = stop_reason(context)
     if stop is not None:
         raise run_error(stop)
