@@ -117,7 +117,10 @@ class Dispatcher:
     def _announce_failover(self, context: GenerationContext, source: str, plan: _Plan, why: str) -> None:
         following = plan.peek()
         if following is not None:
-            context.progress("failover", **{"from": source, "to": following.label, "why": why})
+            fields = {"from": source, "to": following.label}
+            if why != "error":  # a plain failure keeps the event's original shape
+                fields["why"] = why
+            context.progress("failover", **fields)
 
     def _fails_over(self, error: UpstreamError) -> bool:
         """Whether the next route may help. A refusal is a vendor's judgement of the prompt:

@@ -141,7 +141,7 @@ class LatencyRecord:
 class RouteHealth:
     """The policy, the latency record and the circuits, behind the dispatcher's questions.
 
-    Routes are named by their label ("openai", "huggingface/fal-ai"); a route's latency is also
+    Routes are named by their label (a backend's name, or "backend/provider"); a route's latency is also
     filed under its backend's name, so that a backend whose routes are not known yet (the next
     candidate) can be judged by how it did before.
     """
