@@ -41,6 +41,7 @@ from imagegen.record import RequestRecord
 from imagegen.retry import Timing
 from imagegen.service import GenerationService
 from imagegen.slots import ImageSlots
+from imagegen.route_health import CircuitStore, RouteHealth
 from imagegen.state import SharedState, make_state
 from imagegen.storage import ImageStore, make_store
 
@@ -72,15 +73,21 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
     """The handler for these settings, every part built here unless `parts` brings it."""
     timing = parts.timing or Timing()
     logger = parts.logger or get_logger()
+    state = parts.state or make_state(settings.state)
+    # Circuits live in the shared state (Redis with STATE_URL), so every instance skips a failing route.
+    circuits = state if isinstance(state, CircuitStore) else None
     dispatcher = parts.dispatcher or Dispatcher(
-        create_backends(settings, new_session()), settings.max_retries, settings.failover_on_refusal
+        create_backends(settings, new_session()),
+        settings.max_retries,
+        settings.failover_on_refusal,
+        RouteHealth(settings.failover, circuits),
     )
     store = parts.store or make_store(settings)
     service = GenerationService(
         settings,
         dispatcher,
         store,
-        parts.state or make_state(settings.state),
+        state,
         parts.slots,
         timing,
     )

@@ -20,6 +20,7 @@ from imagegen.errors import ConfigurationError
 from imagegen.state.base import RatePolicy
 from imagegen.state.settings import StateSettings, load_state_settings
 from imagegen.logs import LOG_FORMATS
+from imagegen.route_health import FailoverPolicy
 
 DEFAULT_TIMEOUT_SECONDS = 120.0
 DEFAULT_DEADLINE_SECONDS = 150.0
@@ -138,6 +139,8 @@ class Settings:
     # instance's memory (imagegen.images).
     decode_memory_mib: int | None = None
     max_decode_memory_mib: int | None = None
+    # How fast a misbehaving route is left: retry waits, adaptive try limits, circuits.
+    failover: FailoverPolicy = FailoverPolicy()
     # The enabled backends in failover order, and every backend's section (enabled or not).
     backends: tuple[str, ...] = ()
     backend_settings: Mapping[str, BackendSettings] = field(default_factory=dict, repr=False)
@@ -242,6 +245,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         failover_on_refusal=parse_boolean("FAILOVER_ON_REFUSAL", get("FAILOVER_ON_REFUSAL"), default=False),
         decode_memory_mib=_optional_mib("DECODE_MEMORY_MIB", get("DECODE_MEMORY_MIB")),
         max_decode_memory_mib=_optional_mib("MAX_DECODE_MEMORY_MIB", get("MAX_DECODE_MEMORY_MIB")),
+        failover=_failover_policy(get),
         serve_page=parse_boolean("SERVE_PAGE", get("SERVE_PAGE"), default=True),
         image_urls=_image_url_settings(get),
         max_prompt_chars=int(
@@ -419,3 +423,39 @@ def setting_variables() -> frozenset[str]:
     except ConfigurationError:
         pass
     return frozenset(seen)
+
+
+# --- failover: how fast a misbehaving route is left (imagegen/route_health.py) ----------------
+# A retry wait up to this is sat out on the same route; a longer one fails over at once when the
+# next route is ready and usually answers sooner.
+DEFAULT_FAILOVER_WAIT_SECONDS = 0.5
+# A try is cut at max(floor, factor × the route's recent p99); 0 turns this off.
+DEFAULT_ADAPTIVE_TIMEOUT_FACTOR = 3.0
+DEFAULT_ADAPTIVE_TIMEOUT_FLOOR_SECONDS = 2.0
+# This many failures within a minute take a route out of rotation for CIRCUIT_OPEN_SECONDS.
+DEFAULT_CIRCUIT_FAILURES = 5
+DEFAULT_CIRCUIT_OPEN_SECONDS = 30.0
+
+
+def _failover_policy(get: Callable[[str], str | None]) -> FailoverPolicy:
+    return FailoverPolicy(
+        wait_seconds=parse_number(
+            "FAILOVER_WAIT_SECONDS", get("FAILOVER_WAIT_SECONDS"), DEFAULT_FAILOVER_WAIT_SECONDS, 0, 3600
+        ),
+        timeout_factor=parse_number(
+            "ADAPTIVE_TIMEOUT_FACTOR", get("ADAPTIVE_TIMEOUT_FACTOR"), DEFAULT_ADAPTIVE_TIMEOUT_FACTOR, 0, 100
+        ),
+        timeout_floor_seconds=parse_number(
+            "ADAPTIVE_TIMEOUT_FLOOR_SECONDS",
+            get("ADAPTIVE_TIMEOUT_FLOOR_SECONDS"),
+            DEFAULT_ADAPTIVE_TIMEOUT_FLOOR_SECONDS,
+            0.1,
+            3600,
+        ),
+        circuit_failures=int(
+            parse_number("CIRCUIT_FAILURES", get("CIRCUIT_FAILURES"), DEFAULT_CIRCUIT_FAILURES, 0, 1000, integer=True)
+        ),
+        circuit_open_seconds=parse_number(
+            "CIRCUIT_OPEN_SECONDS", get("CIRCUIT_OPEN_SECONDS"), DEFAULT_CIRCUIT_OPEN_SECONDS, 1, 3600
+        ),
+    )

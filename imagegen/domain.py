@@ -73,3 +73,6 @@ class Attempt:
     status: int | None  # the vendor's HTTP status, None when no answer came
     code: str | None  # our error code; None when the try produced the image
     ms: float
+    # What the dispatcher made of the try (imagegen/route_health.py): "adaptive_timeout" (cut
+    # at the route's adaptive limit), "failover_instead_of_wait", "circuit_opened"; else None.
+    note: str | None = None

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from imagegen.route_health import Admission, MemoryCircuits
 from imagegen.state.single_flight import SingleFlight
 from imagegen.state.ratelimit import RateLimiter
 from imagegen.state.base import (
@@ -47,6 +48,7 @@ class MemoryState:
         self._spent = 0
         self._spent_by: dict[str, int] = {}
         self._flights: SingleFlight[Any] = SingleFlight()
+        self._circuits = MemoryCircuits(monotonic)
 
     def take_rate(self, caller: str) -> RateDecision | None:
         return self._limiter.take(caller)
@@ -90,6 +92,17 @@ class MemoryState:
         timeout: float,
     ) -> tuple[T, bool]:
         return self._flights.do(key, lambda: produce()[0], timeout)
+
+    # Circuits (imagegen/route_health.py): which routes are out of rotation, for this instance.
+
+    def circuit_check(self, route: str, open_seconds: float, claim: bool = True) -> Admission:
+        return self._circuits.circuit_check(route, open_seconds, claim)
+
+    def circuit_failed(self, route: str, failures: int, window_seconds: float, open_seconds: float) -> bool:
+        return self._circuits.circuit_failed(route, failures, window_seconds, open_seconds)
+
+    def circuit_succeeded(self, route: str) -> None:
+        self._circuits.circuit_succeeded(route)
 
     def close(self) -> None:
         pass

@@ -10,6 +10,7 @@ one script share one hash tag (`{...}`), so they sit in one slot of a Memorystor
     {imagegen:budget}:all                      the budget record: today's images, all callers
                                                and each caller's, and the record's epoch
     {imagegen:flight:<h>}:lock / :result       single-flight for one cache key
+    {imagegen:circuit:<h>}                     one route's circuit breaker (imagegen/route_health.py)
 
 `<h>` is a hash of the caller or cache key: no caller identity is stored in Redis.
 
@@ -56,6 +57,7 @@ from urllib.parse import unquote, urlsplit
 from imagegen.state.single_flight import SingleFlight
 from imagegen.errors import StateUnavailable
 from imagegen.logs import get_logger
+from imagegen.route_health import Admission
 from imagegen.state.ratelimit import bucket_decision, rate_limited
 from imagegen.state.base import (
     SECONDS_PER_DAY,
@@ -200,6 +202,41 @@ if mine then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
+# KEYS[1] one route's circuit: a hash of n (failures in the window), w (window start), o (open
+# until), a (opened at), p (probe taken at), all in ms of the server's TIME; it expires on its
+# own. ARGV 'check', open (ms), '1' to take a due probe: returns {state, opened at}. ARGV
+# 'fail', failures, window (ms), open (ms): returns 1 when this failure opened the circuit (a
+# failure while open or probing reopens it). ARGV 'ok': deletes it.
+CIRCUIT_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[1] == 'ok' then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+local saved = redis.call('HMGET', KEYS[1], 'n', 'w', 'o', 'a', 'p')
+local opened = tonumber(saved[3])
+if ARGV[1] == 'check' then
+  if not opened then return {'closed', '0'} end
+  local probe = tonumber(saved[5])
+  if now < opened or (probe and now - probe < tonumber(ARGV[2])) then return {'open', saved[4]} end
+  if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'p', now) end
+  return {'probe', saved[4]}
+end
+local failures, window, open = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local n, since = tonumber(saved[1]) or 0, tonumber(saved[2]) or now
+if not opened and now - since > window then n, since = 0, now end
+n = n + 1
+redis.call('HSET', KEYS[1], 'n', n, 'w', since)
+local opens = 0
+if opened or n >= failures then
+  redis.call('HSET', KEYS[1], 'o', now + open, 'a', now)
+  redis.call('HDEL', KEYS[1], 'p')
+  opens = 1
+end
+redis.call('PEXPIRE', KEYS[1], window + 2 * open)
+return opens
+"""
 
 SCRIPTS = {
     "rate": RATE_SCRIPT,
@@ -208,6 +245,7 @@ SCRIPTS = {
     "join": JOIN_SCRIPT,
     "renew": RENEW_SCRIPT,
     "finish": FINISH_SCRIPT,
+    "circuit": CIRCUIT_SCRIPT,
 }
 Client = Union[redis.Redis, redis.RedisCluster]
 # What a call to Redis may raise when Redis is down, slow or confused: each means "unavailable".
@@ -482,6 +520,41 @@ class RedisState:
             except FAILURES as error:
                 self._warn(error)  # try again next time; the lease still has two thirds left
 
+    # --- circuits: routes out of rotation for every instance -------------------------------
+    # A circuit is advice, not a limit: when Redis does not answer, this instance's own memory
+    # decides, whatever STATE_FAILURE says.
+
+    def circuit_check(self, route: str, open_seconds: float, claim: bool = True) -> Admission:
+        try:
+            state, opened_at = self._run(
+                "circuit", [self._circuit_key(route)], ["check", int(open_seconds * 1000), "1" if claim else "0"]
+            )
+        except (_Unavailable, StateUnavailable):
+            return self._fallback.circuit_check(route, open_seconds, claim)
+        state = state.decode() if isinstance(state, bytes) else str(state)
+        if state not in ("closed", "open", "probe"):
+            self._distrust("a circuit")
+            return Admission("closed")
+        return Admission(state, float(opened_at or 0) / 1000)
+
+    def circuit_failed(self, route: str, failures: int, window_seconds: float, open_seconds: float) -> bool:
+        try:
+            return bool(
+                self._run(
+                    "circuit",
+                    [self._circuit_key(route)],
+                    ["fail", failures, int(window_seconds * 1000), int(open_seconds * 1000)],
+                )
+            )
+        except (_Unavailable, StateUnavailable):
+            return self._fallback.circuit_failed(route, failures, window_seconds, open_seconds)
+
+    def circuit_succeeded(self, route: str) -> None:
+        try:
+            self._run("circuit", [self._circuit_key(route)], ["ok"])
+        except (_Unavailable, StateUnavailable):
+            self._fallback.circuit_succeeded(route)
+
     # --- Redis calls and what happens when they fail ----------------------------------------
 
     def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
@@ -603,6 +676,9 @@ class RedisState:
     @staticmethod
     def _caller_field(caller: str) -> str:
         return f"c:{_digest(caller)}"
+
+    def _circuit_key(self, route: str) -> str:
+        return "{%s:circuit:%s}" % (self._namespace, _digest(route))
 
     def _flight_keys(self, key: str) -> tuple[str, str]:
         tag = "{%s:flight:%s}" % (self._namespace, _digest(key))
