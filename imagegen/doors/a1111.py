@@ -8,7 +8,7 @@ limit and daily budget per image) and produced in parallel within the deadline, 
 what this deployment offers in AUTOMATIC1111's shapes. A function has no global settings a
 caller could change: `POST */sdapi/v1/options` keeps a caller's checkpoint choice on this
 instance only, and `progress` / `interrupt` see this caller's generations on this instance only
-(docs/tools-a1111.md says what that means with several instances).
+(docs/tools.md says what that means with several instances).
 
 Errors keep today's statuses, in the body AUTOMATIC1111's API sends (FastAPI's `detail`, plus
 its middleware's `error`, `body` and `errors`), with this function's `code` and `requestId`.
@@ -351,7 +351,7 @@ class Job:
 
 class InFlight:
     """This instance's txt2img requests in flight, by caller. Not shared: another instance's
-    jobs are invisible here (docs/tools-a1111.md)."""
+    jobs are invisible here (docs/tools.md)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock

@@ -1,23 +1,3 @@
-# failover-fast: what was measured (issue #21)
-
-In-process (functions-framework test client, one request at a time), this 2-core machine shared
-with other agents; OpenAI stand-in as primary, Gemini stand-in as fallback, both 0.5 s per image;
-`TIMEOUT_SECONDS=4`, `MAX_RETRIES=2` (3 primary calls, as in the issue's LiteLLM comparison),
-cache off. 20 healthy images first (a running service has a latency record), then 40 timed.
-"before" = the patient policy (`FAILOVER_WAIT_SECONDS=3600 ADAPTIVE_TIMEOUT_FACTOR=0
-CIRCUIT_FAILURES=0`, what the code did before); "fast" = the new defaults. One run.
-
-| scenario | before p95 | fast p95 | ratio | upstream calls before → fast |
-| --- | --- | --- | --- | --- |
-| primary 503 on 30% (`Retry-After: 1`) | 2.57 s | 0.62 s | 0.24 | 62 → 56 |
-| primary hangs 30 s on 10% | 5.49 s | 2.61 s | 0.48 | 48 → 48 |
-| primary always 503 (`Retry-After: 1`) | 2.53 s | 0.56 s | 0.22 | 105 → 45 |
-
-The hang case is bounded by the 2 s floor (3 × p99 here is 1.6 s). Not the bench's LiteLLM
-side by side (bench/ belongs to another helper): `./scripts/bench --peer litellm` should rerun these.
-The script, run from the repository root (N=40 by default):
-
-```python
 """Time-to-image under a misbehaving primary: patient policy (before) vs the fast defaults.
 In-process (functions-framework test client), OpenAI stand-in primary, Gemini stand-in fallback,
 0.5 s upstream, TIMEOUT_SECONDS=4, MAX_RETRIES=2. Prints p50/p95 and upstream calls."""
@@ -78,4 +58,3 @@ for kind in sys.argv[1:] or ["503x30", "hang10", "always503"]:
     for name, policy in (("before", PATIENT), ("fast", FAST)):
         p50, p95, calls, primary_calls = run(kind, policy, 7)
         print(f"{kind:10} {name:7} p50 {p50:5.2f} s  p95 {p95:5.2f} s  upstream calls {calls} (primary {primary_calls}) for {N} images", flush=True)
-```
