@@ -286,6 +286,8 @@ def test_retry_and_failover_are_said_in_words(page, run_function, router, tmp_pa
         BACKENDS="huggingface,demo",
         DEMO_STEP_SECONDS="0.1",
         IMAGE_DIR=str(tmp_path),
+        # Sit out the provider's 1 s wait (rather than fail over at once), to see the retry said.
+        FAILOVER_WAIT_SECONDS="5",
     )
     router.reply_error(503, "Service Unavailable", {"Retry-After": "1"})
     router.reply_error(500, "boom")
