@@ -42,7 +42,8 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 
 from imagegen.backends.base import GenerationContext
 from imagegen.backends.vendor import CallContext, error_for_status
-from imagegen.images import MAX_IMAGE_BYTES
+from imagegen.images import MAX_IMAGE_BYTES, PngCheck, forget_check, remember_check
+from imagegen.imaging import PNG_SIGNATURE
 from imagegen.errors import ServerBusy, UpstreamError, UpstreamTimeout
 
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -52,6 +53,9 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 # 1024x1024 PNG arrives in a few reads (every read takes the GIL back, and with a hundred
 # answers arriving together that hand-over is what costs).
 READ_BYTES = 4 * 1024 * 1024
+# A PNG body is read in smaller pieces: each is checked (CRCs, inflate) while the next one
+# arrives, instead of the whole check waiting for the last byte.
+PNG_READ_BYTES = 256 * 1024
 MAX_REDIRECTS = 5
 OK_STATUSES = (200, 201, 202)
 # A call made outside any deadline scope (a library's own request) still gets one.
@@ -426,8 +430,13 @@ def _decoder_for(headers: Mapping[str, str]) -> _Decoder | None:
 
 def read_body(response: requests.Response, limit: int, truncate: bool = False) -> bytes:
     """The body, decoded, within `limit` bytes and the current deadline. Past the limit: the
-    first `limit` bytes when `truncate` (an error page), else OutboundFailure too_large."""
+    first `limit` bytes when `truncate` (an error page), else OutboundFailure too_large.
+
+    A body that starts as a PNG is checked while it arrives (PngCheck, fed each piece as it
+    comes, so the inflating overlaps the transfer), and its verdict remembered for the
+    check_png the backend then makes on these very bytes, in this thread."""
     scope = current_deadline()
+    forget_check()
     decoder = _decoder_for(response.headers)
     declared = response.headers.get("Content-Length", "")
     if decoder is None and not truncate and declared.isascii() and declared.isdigit() and len(declared) < 16:
@@ -435,9 +444,11 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
             raise OutboundFailure("too_large")
     pieces: list[bytes] = []
     size = 0
+    check: PngCheck | None = None
+    read_bytes = READ_BYTES
     try:
         while size <= limit:
-            piece = response.raw.read1(READ_BYTES, decode_content=False)
+            piece = response.raw.read1(read_bytes, decode_content=False)
             if not piece:
                 break
             if decoder is not None:
@@ -447,6 +458,11 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
                     if failure.kind == "too_large" and truncate:
                         break
                     raise
+            if not size and not truncate and piece.startswith(PNG_SIGNATURE):
+                check = PngCheck()
+                read_bytes = PNG_READ_BYTES
+            if check is not None:
+                check.feed(piece)
             pieces.append(piece)
             size += len(piece)
             if scope is not None and (scope.expired or scope.left() <= 0):
@@ -463,7 +479,10 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
         if not truncate:
             raise OutboundFailure("too_large")
         return b"".join(pieces)[:limit]
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # or b"" for none
+    body = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # or b"" for none
+    if check is not None:
+        remember_check(body, check.finish())
+    return body
 
 
 def _failure_of(error: requests.RequestException) -> OutboundFailure:
