@@ -445,6 +445,7 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
     pieces: list[bytes] = []
     size = 0
     check: PngCheck | None = None
+    sock = None
     read_bytes = READ_BYTES
     try:
         while size <= limit:
@@ -461,7 +462,9 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
             if not size and not truncate and piece.startswith(PNG_SIGNATURE):
                 check = PngCheck()
                 read_bytes = PNG_READ_BYTES
+                sock = _socket_of(getattr(response.raw, "_connection", None))
             if check is not None:
+                _ack_at_once(sock)
                 check.feed(piece)
             pieces.append(piece)
             size += len(piece)
@@ -483,6 +486,22 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
     if check is not None:
         remember_check(body, check.finish())
     return body
+
+
+def _ack_at_once(sock: Any) -> None:
+    """Acknowledge what arrives at once rather than up to 40 ms later (Linux's TCP_QUICKACK,
+    which the kernel drops again by itself, hence once per piece). While the check works on one
+    piece the next one waits in the socket unread, and the kernel then delays its ACK: a sender
+    that holds its last partial segment until the ACK (Nagle's algorithm, no TCP_NODELAY) would
+    stall the body by 40 ms; measured with such a stand-in, 68 -> 108 ms for a 1.7 MB PNG."""
+    if sock is not None and _QUICKACK is not None:
+        try:
+            socket.socket.setsockopt(sock, socket.IPPROTO_TCP, _QUICKACK, 1)
+        except (OSError, TypeError):
+            pass
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 def _failure_of(error: requests.RequestException) -> OutboundFailure:

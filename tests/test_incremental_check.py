@@ -3,6 +3,7 @@ whole bytes said before it existed, whatever the split: same refusals, same mess
 chunks dropped. And a body read by the outbound exchange is checked while it arrives, once."""
 
 import io
+import socket
 import struct
 import threading
 import zlib
@@ -294,3 +295,15 @@ def test_a_refusal_reached_while_arriving_is_the_one_check_png_gives(half_server
     assert images._remembered.entry[0] is answer.body
     assert outcome(check_png, answer.body) == outcome(reference_check, broken)
     assert images._remembered.entry is None  # taken once
+
+
+def test_each_piece_of_a_png_body_is_acknowledged_at_once(half_server, monkeypatch):
+    # While a piece is being checked the next waits unread and Linux would delay its ACK by up
+    # to 40 ms: a sender without TCP_NODELAY then holds its last segment that long.
+    sockets = []
+    monkeypatch.setattr(outbound, "_ack_at_once", sockets.append)
+    _HalfThenRest.go_on.set()
+    url = f"http://127.0.0.1:{half_server.server_address[1]}/image.png"
+    answer = outbound.fetch(outbound.new_session(), "GET", url, 10, limit=2**24)
+    assert answer.body == _HalfThenRest.png and sockets
+    assert all(isinstance(sock, socket.socket) for sock in sockets)
