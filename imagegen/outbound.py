@@ -462,7 +462,7 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
             if not size and not truncate and piece.startswith(PNG_SIGNATURE):
                 check = PngCheck()
                 read_bytes = PNG_READ_BYTES
-                sock = _socket_of(getattr(response.raw, "_connection", None))
+                sock = _body_socket(response)
             if check is not None:
                 _ack_at_once(sock)
                 check.feed(piece)
@@ -502,6 +502,17 @@ def _ack_at_once(sock: Any) -> None:
 
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def _body_socket(response: requests.Response) -> Any:
+    """The socket a body is read from: the pooled connection's, or, where urllib3 has let go of
+    the connection (an answer that closes it), the one under http.client's reader. None if
+    neither is there: the reads then go on without the quick ACK."""
+    sock = _socket_of(getattr(response.raw, "_connection", None))
+    if sock is None:
+        reader = getattr(getattr(response.raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(reader, "raw", None), "_sock", None)
+    return sock
 
 
 def _failure_of(error: requests.RequestException) -> OutboundFailure:

@@ -301,9 +301,16 @@ def test_each_piece_of_a_png_body_is_acknowledged_at_once(half_server, monkeypat
     # While a piece is being checked the next waits unread and Linux would delay its ACK by up
     # to 40 ms: a sender without TCP_NODELAY then holds its last segment that long.
     sockets = []
-    monkeypatch.setattr(outbound, "_ack_at_once", sockets.append)
-    _HalfThenRest.go_on.set()
+    first = threading.Event()
+    monkeypatch.setattr(outbound, "_ack_at_once", lambda sock: (sockets.append(sock), first.set()))
+    answers = []
     url = f"http://127.0.0.1:{half_server.server_address[1]}/image.png"
-    answer = outbound.fetch(outbound.new_session(), "GET", url, 10, limit=2**24)
-    assert answer.body == _HalfThenRest.png and sockets
-    assert all(isinstance(sock, socket.socket) for sock in sockets)
+    reader = threading.Thread(target=lambda: answers.append(outbound.fetch(outbound.new_session(), "GET", url, 10, limit=2**24)))
+    reader.start()
+    try:
+        assert first.wait(10)  # the first half, while the rest is still to come
+    finally:
+        _HalfThenRest.go_on.set()
+        reader.join(10)
+    assert answers[0].body == _HalfThenRest.png
+    assert isinstance(sockets[0], socket.socket), sockets
