@@ -42,7 +42,8 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 
 from imagegen.backends.base import GenerationContext
 from imagegen.backends.vendor import CallContext, error_for_status
-from imagegen.images import MAX_IMAGE_BYTES
+from imagegen.images import MAX_IMAGE_BYTES, PngCheck, forget_check, remember_check
+from imagegen.imaging import PNG_SIGNATURE
 from imagegen.errors import ServerBusy, UpstreamError, UpstreamTimeout
 
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -52,6 +53,10 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 # 1024x1024 PNG arrives in a few reads (every read takes the GIL back, and with a hundred
 # answers arriving together that hand-over is what costs).
 READ_BYTES = 4 * 1024 * 1024
+# A PNG body is checked piece by piece with the same reads: a read returns what has arrived
+# and never waits for more, so on a real network pieces are small and each is checked while
+# the next one travels. Capping reads lower (256 KiB) only split what was already waiting
+# into more reads: measured on loopback, 0.2-0.3 ms saved against 0.5-0.6 ms with 4 MiB.
 MAX_REDIRECTS = 5
 OK_STATUSES = (200, 201, 202)
 # A call made outside any deadline scope (a library's own request) still gets one.
@@ -426,8 +431,13 @@ def _decoder_for(headers: Mapping[str, str]) -> _Decoder | None:
 
 def read_body(response: requests.Response, limit: int, truncate: bool = False) -> bytes:
     """The body, decoded, within `limit` bytes and the current deadline. Past the limit: the
-    first `limit` bytes when `truncate` (an error page), else OutboundFailure too_large."""
+    first `limit` bytes when `truncate` (an error page), else OutboundFailure too_large.
+
+    A body that starts as a PNG is checked while it arrives (PngCheck, fed each piece as it
+    comes, so the inflating overlaps the transfer), and its verdict remembered for the
+    check_png the backend then makes on these very bytes, in this thread."""
     scope = current_deadline()
+    forget_check()
     decoder = _decoder_for(response.headers)
     declared = response.headers.get("Content-Length", "")
     if decoder is None and not truncate and declared.isascii() and declared.isdigit() and len(declared) < 16:
@@ -435,6 +445,8 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
             raise OutboundFailure("too_large")
     pieces: list[bytes] = []
     size = 0
+    check: PngCheck | None = None
+    sock = None
     try:
         while size <= limit:
             piece = response.raw.read1(READ_BYTES, decode_content=False)
@@ -447,6 +459,12 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
                     if failure.kind == "too_large" and truncate:
                         break
                     raise
+            if not size and not truncate and piece.startswith(PNG_SIGNATURE):
+                check = PngCheck()
+                sock = _body_socket(response)
+            if check is not None:
+                _ack_at_once(sock)
+                check.feed(piece)
             pieces.append(piece)
             size += len(piece)
             if scope is not None and (scope.expired or scope.left() <= 0):
@@ -463,7 +481,37 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
         if not truncate:
             raise OutboundFailure("too_large")
         return b"".join(pieces)[:limit]
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)  # or b"" for none
+    body = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # or b"" for none
+    if check is not None:
+        remember_check(body, check.finish())
+    return body
+
+
+def _ack_at_once(sock: Any) -> None:
+    """Acknowledge what arrives at once rather than up to 40 ms later (Linux's TCP_QUICKACK,
+    which the kernel drops again by itself, hence once per piece). While the check works on one
+    piece the next one waits in the socket unread, and the kernel then delays its ACK: a sender
+    that holds its last partial segment until the ACK (Nagle's algorithm, no TCP_NODELAY) would
+    stall the body by 40 ms; measured with such a stand-in, 68 -> 108 ms for a 1.7 MB PNG."""
+    if sock is not None and _QUICKACK is not None:
+        try:
+            socket.socket.setsockopt(sock, socket.IPPROTO_TCP, _QUICKACK, 1)
+        except (OSError, TypeError):
+            pass
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def _body_socket(response: requests.Response) -> Any:
+    """The socket a body is read from: the pooled connection's, or, where urllib3 has let go of
+    the connection (an answer that closes it), the one under http.client's reader. None if
+    neither is there: the reads then go on without the quick ACK."""
+    sock = _socket_of(getattr(response.raw, "_connection", None))
+    if sock is None:
+        reader = getattr(getattr(response.raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(reader, "raw", None), "_sock", None)
+    return sock
 
 
 def _failure_of(error: requests.RequestException) -> OutboundFailure:
