@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -77,6 +76,10 @@ class Primary(FakeOpenAI):
             number = self._count
         return self.policy(number)
 
+    def restart_count(self) -> None:
+        with self._lock:
+            self._count = 0
+
     def calls_made(self) -> int:
         return len(self.calls())
 
@@ -92,19 +95,18 @@ class Scenario:
     label: str
     requests: int
     parallel: int
-    policy: Callable[[random.Random, threading.Event], Callable[[int], Reply]]
+    policy: Callable[[threading.Event], Callable[[int], Reply]]
+
+
+def every(fraction: float, number: int) -> bool:
+    """Whether call `number` (1, 2, ...) is among the `fraction` that misbehave: spread evenly
+    (for 0.3: calls 4, 7, 10, 14, ...), so every run and both services get exactly that share."""
+    return int(number * fraction) != int((number - 1) * fraction)
 
 
 def _share(fraction: float, bad: Callable[[threading.Event], Reply]):
-    def make(rng: random.Random, release: threading.Event) -> Callable[[int], Reply]:
-        lock = threading.Lock()
-
-        def policy(_number: int) -> Reply:
-            with lock:  # one seeded sequence of draws: the same share for both services
-                draw = rng.random()
-            return bad(release) if draw < fraction else Reply()
-
-        return policy
+    def make(release: threading.Event) -> Callable[[int], Reply]:
+        return lambda number: bad(release) if every(fraction, number) else Reply()
 
     return make
 
@@ -322,9 +324,10 @@ def measure_added(services: list[Service], primary: Primary, rounds: int, per_ro
     return [statistics.median(m) for m in medians]
 
 
-def measure_burst(service: Service, primary: Primary) -> tuple[float, float, float, int]:
+def measure_burst(service: Service, primary: Primary) -> tuple[float, float, float, int, list[float]]:
     """Wall seconds to the last of BURST answers (each upstream call held 2 s), CPU seconds the
-    service used meanwhile, its peak RSS in MB (sampled every 20 ms), and how many got an image."""
+    service used meanwhile, its peak RSS in MB (sampled every 20 ms), how many got an image, and
+    each request's seconds."""
     primary.policy = lambda _n: Reply(hold_seconds=BURST_UPSTREAM_SECONDS)
     peak = [service.rss_mb()]
     done = threading.Event()
@@ -339,7 +342,7 @@ def measure_burst(service: Service, primary: Primary) -> tuple[float, float, flo
             cpu = service.cpu_seconds()
             sampler.start()
             started = time.perf_counter()
-            statuses = list(pool.map(lambda i: service.post(requests.Session(), f"burst {i}")[1], range(BURST)))
+            answers = list(pool.map(lambda i: service.post(requests.Session(), f"burst {i}"), range(BURST)))
             wall = time.perf_counter() - started
             cpu = service.cpu_seconds() - cpu
     finally:
@@ -347,14 +350,15 @@ def measure_burst(service: Service, primary: Primary) -> tuple[float, float, flo
         if sampler.is_alive():
             sampler.join()
         primary.policy = lambda _n: Reply()
-    return wall, cpu, peak[0], statuses.count(200)
+    return wall, cpu, peak[0], [status for _ms, status in answers].count(200), [ms / 1000 for ms, _status in answers]
 
 
-def measure_scenario(service: Service, primary: Primary, fallback: FakeGemini, scenario: Scenario, seed: int) -> dict:
+def measure_scenario(service: Service, primary: Primary, fallback: FakeGemini, scenario: Scenario) -> dict:
     """p95 seconds to an image, how many got one, and the upstream calls made, per request."""
     release = threading.Event()
-    primary.policy = scenario.policy(random.Random(seed), release)
     before = (primary.calls_made(), len(fallback.calls()))
+    primary.policy = scenario.policy(release)
+    primary.restart_count()
     local = threading.local()
 
     def one(index: int) -> tuple[float, int]:
@@ -390,7 +394,7 @@ FIGURES = (
 )
 
 
-def one_run(png: bytes, tmp: str, rounds: int, per_round: int, cold_rounds: int, seed: int, log: Callable[[str], None]) -> tuple[Run, list[str]]:
+def one_run(png: bytes, tmp: str, rounds: int, per_round: int, cold_rounds: int, log: Callable[[str], None]) -> tuple[Run, list[str]]:
     """Every figure for both services, alternating; and lines of detail (calls, failures)."""
     for module in (fake_openai, fake_gemini):
         module.make_image = lambda *args, **kwargs: png
@@ -407,7 +411,7 @@ def one_run(png: bytes, tmp: str, rounds: int, per_round: int, cold_rounds: int,
         run["added"] = tuple(measure_added(services, primary, rounds, per_round))  # type: ignore[assignment]
         for scenario in SCENARIOS:
             log(scenario.key)
-            found = [measure_scenario(service, primary, fallback, scenario, seed) for service in services]
+            found = [measure_scenario(service, primary, fallback, scenario) for service in services]
             run[scenario.key] = (found[0]["p95"], found[1]["p95"])
             run[f"{scenario.key}_calls"] = tuple(f["primary"] + f["fallback"] for f in found)  # type: ignore[assignment]
             notes.append(f"{scenario.key}: " + "; ".join(
@@ -418,7 +422,9 @@ def one_run(png: bytes, tmp: str, rounds: int, per_round: int, cold_rounds: int,
         run["burst_wall"] = (bursts[0][0], bursts[1][0])
         run["burst_cpu"] = (bursts[0][1], bursts[1][1])
         run["burst_rss"] = (bursts[0][2], bursts[1][2])
-        notes.append("burst: " + "; ".join(f"{s.name} {b[3]}/{BURST} images" for s, b in zip(services, bursts, strict=True)))
+        notes.append("burst: " + "; ".join(
+            f"{s.name} {b[3]}/{BURST} images, each in {statistics.median(b[4]):.2f} s (median), {max(b[4]):.2f} s (slowest)"
+            for s, b in zip(services, bursts, strict=True)))
     finally:
         for service in services:
             service.stop()
@@ -455,7 +461,7 @@ def main(peer: str, runs: int, quick: bool, png: bytes, tmp: str) -> None:
         def log(what: str, number: int = number) -> None:
             print(f"run {number + 1}/{runs}: {what}", file=sys.stderr, flush=True)
 
-        run, run_notes = one_run(png, f"{tmp}", rounds, per_round, cold_rounds, seed=number, log=log)
+        run, run_notes = one_run(png, f"{tmp}", rounds, per_round, cold_rounds, log=log)
         results.append(run)
         notes.extend(f"run {number + 1}: {line}" for line in run_notes)
     load_after = os.getloadavg()

@@ -67,3 +67,12 @@ def test_bench_refuses_an_unknown_peer(peer):
     assert f"unknown peer '{peer}'" in result.stderr
     assert "litellm" in result.stderr
     assert result.stdout == ""
+
+
+def test_misbehaving_calls_are_an_exact_evenly_spread_share():
+    from bench.peer import every
+
+    assert [n for n in range(1, 21) if every(0.3, n)] == [4, 7, 10, 14, 17, 20]
+    assert [n for n in range(1, 21) if every(0.1, n)] == [10, 20]
+    assert all(every(1.0, n) for n in range(1, 50))
+    assert sum(every(0.3, n) for n in range(1, 1001)) == 300
