@@ -35,7 +35,7 @@ from pathlib import Path
 
 import requests
 
-from bench.peer_table import Figure, Run, markdown, percentile, rows
+from bench.peer_table import Figure, Run, markdown, percentile, rows, summarize
 from tests import fake_gemini, fake_openai
 from tests.fake_gemini import FakeGemini
 from tests.fake_openai import FakeOpenAI
@@ -82,6 +82,20 @@ class Primary(FakeOpenAI):
 
     def calls_made(self) -> int:
         return len(self.calls())
+
+
+def quiet(standin):
+    """The stand-in without a traceback on stderr for each keep-alive connection a stopped
+    service leaves behind (the stdlib server prints every reset by peer)."""
+    server = standin._server  # noqa: SLF001 - the stdlib server under tests/standin.py
+    report = server.handle_error
+
+    def handle_error(request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            report(request, client_address)
+
+    server.handle_error = handle_error
+    return standin
 
 
 def error_503(retry_after: str | None = "1") -> Reply:
@@ -398,8 +412,8 @@ def one_run(png: bytes, tmp: str, rounds: int, per_round: int, cold_rounds: int,
     """Every figure for both services, alternating; and lines of detail (calls, failures)."""
     for module in (fake_openai, fake_gemini):
         module.make_image = lambda *args, **kwargs: png
-    primary = Primary(VENDOR_KEY).start()
-    fallback = FakeGemini(GEMINI_KEY).start()
+    primary = quiet(Primary(VENDOR_KEY)).start()
+    fallback = quiet(FakeGemini(GEMINI_KEY)).start()
     run: Run = {}
     notes: list[str] = []
     services: list[Service] = []
@@ -470,8 +484,16 @@ def main(peer: str, runs: int, quick: bool, png: bytes, tmp: str) -> None:
     print(f"load average before {_load(load_before)}, after {_load(load_after)}\n")
     print(markdown(("figure", "this function", "LiteLLM", "ratio"), rows(results, FIGURES)))
     print()
+    if runs > 1:
+        for figure in FIGURES:
+            ours, theirs, _ratios = summarize(results, figure.key)
+            print(f"{figure.key} per run: this function {_values(ours, figure.digits)}; LiteLLM {_values(theirs, figure.digits)}")
     for line in notes:
         print(line)
+
+
+def _values(values: list[float], digits: int) -> str:
+    return ", ".join(f"{v:.{digits}f}" for v in values)
 
 
 def _load(values: tuple[float, float, float]) -> str:
