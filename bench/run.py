@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py            # about 60 seconds
     .venv/bin/python bench/run.py --quick    # fewer rounds, about 40 seconds
+    .venv/bin/python bench/run.py --peer litellm [--runs N] [--quick]   # side by side (bench/peer.py)
 
 Starts the loopback stand-in router (tests/fake_router.py) serving one realistic 1024x1024 PNG
 of about 1.7 MB, and the real function under functions-framework, then prints a table of
@@ -411,7 +412,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
     parser.add_argument("--only-local", action="store_true", help="only the local model's rows")
+    parser.add_argument("--peer", metavar="NAME", help="only the side-by-side with a peer: litellm (see bench/peer.py)")
+    parser.add_argument("--runs", type=int, default=1, metavar="N", help="with --peer: medians of N runs")
     args = parser.parse_args()
+    if args.peer is not None:
+        from bench import peer
+
+        if args.peer not in peer.PEERS:
+            parser.error(f"unknown peer {args.peer!r}: --peer compares with {', '.join(peer.PEERS)}")
+        if args.runs < 1:
+            parser.error("--runs must be 1 or more")
+        with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+            peer.main(args.peer, args.runs, args.quick, realistic_png(), tmp)
+        return
     rounds = 3 if args.quick else 7
     png = realistic_png()
     router = FakeRouter(TOKEN, image=png).start()
