@@ -94,7 +94,10 @@ def test_the_parameters_text_names_the_sampler_that_ran() -> None:
 
 def test_the_cache_key_tells_schedulers_apart_and_keeps_old_keys() -> None:
     request = GenerationRequest(prompt="a red fox", seed=7, steps=2)
-    keys = {cache_key(GenerationRequest(prompt="a red fox", seed=7, steps=2, scheduler=name), "local:/x", "m") for name in ("euler", "euler_a", "dpmpp_2m_karras")}
+    keys = {
+        cache_key(GenerationRequest(prompt="a red fox", seed=7, steps=2, scheduler=name), "local:/x", "m")
+        for name in ("euler", "euler_a", "dpmpp_2m_karras")
+    }
     assert len(keys | {cache_key(request, "local:/x", "m")}) == 4
     # A request naming no scheduler keeps the key it had before schedulers could be named.
     assert cache_key(request, "local:/x", "m") == "976440f27a7974d16dee3d19724f276d343b4145"

@@ -214,13 +214,10 @@ def scheduler_of(sampler: str | None, schedule: str | None) -> tuple[str | None,
         # A schedule type for the model's own sampler: that sampler is not known here.
         return None, asked_schedule
     found = _SAMPLER_BY_NAME.get(sampler.lower())
-    for name, label in SCHEDULERS if found is None else ():
-        base = sampler.lower().removesuffix(" " + label.lower())
-        if base != sampler.lower() and base in _SAMPLER_BY_NAME:
-            found = _SAMPLER_BY_NAME[base]
-            if _SCHEDULE_BY_NAME.get((schedule or "automatic").lower()) in MODEL_SCHEDULE:
-                schedule = name
-            break
+    if found is None:
+        found, in_name = _split_schedule(sampler)
+        if in_name is not None and _SCHEDULE_BY_NAME.get((schedule or "automatic").lower()) in MODEL_SCHEDULE:
+            schedule = in_name
     if found is None:
         return None, ["sampler_name", *asked_schedule]
     ours, schedules = found
@@ -230,6 +227,15 @@ def scheduler_of(sampler: str | None, schedule: str | None) -> tuple[str | None,
     if schedule_name in schedules:
         return f"{ours}_{schedule_name}", []
     return ours, asked_schedule
+
+
+def _split_schedule(sampler: str) -> tuple[tuple[str, tuple[str, ...]] | None, str | None]:
+    """"DPM++ 2M Karras" as the sampler DPM++ 2M and the schedule type karras."""
+    for name, label in SCHEDULERS:
+        base = sampler.lower().removesuffix(" " + label.lower())
+        if base != sampler.lower() and base in _SAMPLER_BY_NAME:
+            return _SAMPLER_BY_NAME[base], name
+    return None, None
 
 
 def resolve_checkpoint(value: str, catalog: Catalog) -> tuple[str | None, str]:
