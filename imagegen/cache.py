@@ -1,8 +1,8 @@
 """Never pay twice for the same image.
 
 A request that names its seed is a recipe: on a backend whose seeds reproduce, the same
-backend, endpoint, account, provider, model, prompt, negative prompt, size, steps, guidance and
-seed give the same image. Its image is stored under a name made from that recipe
+backend, endpoint, account, provider, model, prompt, negative prompt, size, steps, guidance,
+scheduler and seed give the same image. Its image is stored under a name made from that recipe
 (content-addressed), so a repeat, on this instance or any other that shares the bucket, is
 answered from storage. The backend's identity (its endpoint and a fingerprint of its account)
 is part of the recipe: an image made by a stand-in, or another account, never answers for the
@@ -39,6 +39,9 @@ def cache_key(generation: GenerationRequest, backend_identity: str, model: str) 
         "guidanceScale": generation.guidance_scale,
         "seed": generation.seed,
     }
+    if generation.scheduler is not None:
+        # Only when asked: every key made before schedulers could be named stays the same.
+        recipe["scheduler"] = generation.scheduler
     canonical = json.dumps(recipe, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     # surrogatepass: the same bytes as UTF-8 for any valid text, and no exception for the rest.
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:40]

@@ -29,6 +29,10 @@ class GenerationRequest:
     # partial_images): a backend that can show them reports each as a `partial_image` progress
     # event with its `png`. Not part of the recipe: the image is the same either way.
     partial_images: int = 0
+    # The sampler to run, as a stable name of ours: "<sampler>" or "<sampler>_<sigma schedule>"
+    # ("euler_a", "dpmpp_2m_karras"; imagegen/backends/local/schedulers.py lists them). None:
+    # the model's own. A backend that cannot take it lists "scheduler" as ignored.
+    scheduler: str | None = None
 
 
 @dataclass(frozen=True)

@@ -65,14 +65,49 @@ def png_size(png: bytes) -> tuple[int, int]:
     return size
 
 
+# Our sampler and sigma schedule names (GenerationRequest.scheduler, "<sampler>[_<schedule>]")
+# as AUTOMATIC1111 writes them: its "Sampler" and "Schedule type".
+A1111_SAMPLERS = {
+    "euler_a": "Euler a",
+    "euler": "Euler",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "heun": "Heun",
+    "dpm2": "DPM2",
+    "dpm2_a": "DPM2 a",
+    "lms": "LMS",
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "unipc": "UniPC",
+    "lcm": "LCM",
+}
+A1111_SCHEDULES = {"karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform"}
+
+
+def a1111_sampler(scheduler: str) -> tuple[str, str | None]:
+    """AUTOMATIC1111's sampler and schedule type for one of our scheduler names; a name not
+    listed as it is."""
+    for schedule, label in A1111_SCHEDULES.items():
+        sampler = scheduler.removesuffix("_" + schedule)
+        if sampler != scheduler and sampler in A1111_SAMPLERS:
+            return A1111_SAMPLERS[sampler], label
+    return A1111_SAMPLERS.get(scheduler, scheduler), None
+
+
 def a1111_parameters(generation: GenerationRequest, image: GeneratedImage, size: tuple[int, int]) -> str:
-    """'prompt\\nNegative prompt: ...\\nSteps: 30, CFG scale: 7, Seed: 42, Size: 1024x1024, Model: ...'"""
+    """'prompt\\nNegative prompt: ...\\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7,
+    Seed: 42, Size: 1024x1024, Model: ...' (the sampler only where the backend ran the one asked)."""
     lines = [generation.prompt]
     if generation.negative_prompt and "negativePrompt" not in image.ignored:
         lines.append(f"Negative prompt: {generation.negative_prompt}")
     fields: list[tuple[str, object]] = []
     if generation.steps is not None and "steps" not in image.ignored:
         fields.append(("Steps", generation.steps))
+    if generation.scheduler is not None and "scheduler" not in image.ignored:
+        sampler, schedule = a1111_sampler(generation.scheduler)
+        fields.append(("Sampler", sampler))
+        if schedule is not None:
+            fields.append(("Schedule type", schedule))
     if generation.guidance_scale is not None and "guidanceScale" not in image.ignored:
         fields.append(("CFG scale", f"{generation.guidance_scale:g}"))
     if image.seed is not None:

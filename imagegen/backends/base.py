@@ -34,6 +34,9 @@ class Capabilities:
     # The image is a stand-in made without any model (the demo backend): never stored, and
     # the answer's warning says so.
     placeholder: bool = False
+    # The request's `scheduler` (a sampler by our name) can be run: the local model's diffusers
+    # pipeline, which may still list it as ignored where that model cannot take it.
+    scheduler: bool = False
 
 
 def ignored_fields(request: GenerationRequest, capabilities: Capabilities) -> tuple[str, ...]:
@@ -42,6 +45,7 @@ def ignored_fields(request: GenerationRequest, capabilities: Capabilities) -> tu
         ("negativePrompt", request.negative_prompt is not None and not capabilities.negative_prompt),
         ("steps", request.steps is not None and not capabilities.steps),
         ("guidanceScale", request.guidance_scale is not None and not capabilities.guidance),
+        ("scheduler", request.scheduler is not None and not capabilities.scheduler),
     )
     return tuple(name for name, ignored in unsupported if ignored)
 

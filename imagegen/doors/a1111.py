@@ -80,22 +80,25 @@ HONOURED_BY_NATURE = {
     "do_not_save_samples": None,
     "do_not_save_grid": None,
 }
-# AUTOMATIC1111's sampler names (and aliases) that /samplers lists: the ones its clients offer.
-SAMPLERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Euler a", ("k_euler_a", "k_euler_ancestral")),
-    ("Euler", ("k_euler",)),
-    ("DPM++ 2M", ("k_dpmpp_2m",)),
-    ("DPM++ 2M SDE", ("k_dpmpp_2m_sde",)),
-    ("Heun", ("k_heun",)),
-    ("DPM2", ("k_dpm_2",)),
-    ("DPM2 a", ("k_dpm_2_a",)),
-    ("LMS", ("k_lms",)),
-    ("DDIM", ("ddim",)),
-    ("PLMS", ("plms",)),
-    ("UniPC", ("unipc",)),
-    ("LCM", ("k_lcm",)),
+# AUTOMATIC1111's samplers that /samplers lists (the ones its clients offer): its name, its
+# aliases, our name for it (GenerationRequest.scheduler) and the schedule types (SCHEDULERS)
+# that sampler takes here, each as the diffusers flag imagegen/backends/local/schedulers.py sets.
+SAMPLERS: tuple[tuple[str, tuple[str, ...], str, tuple[str, ...]], ...] = (
+    ("Euler a", ("k_euler_a", "k_euler_ancestral"), "euler_a", ("sgm_uniform",)),
+    ("Euler", ("k_euler",), "euler", ("karras", "exponential", "sgm_uniform")),
+    ("DPM++ 2M", ("k_dpmpp_2m",), "dpmpp_2m", ("karras", "exponential", "sgm_uniform")),
+    ("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), "dpmpp_2m_sde", ("karras", "exponential", "sgm_uniform")),
+    ("Heun", ("k_heun",), "heun", ("karras", "exponential", "sgm_uniform")),
+    ("DPM2", ("k_dpm_2",), "dpm2", ("karras", "exponential", "sgm_uniform")),
+    ("DPM2 a", ("k_dpm_2_a",), "dpm2_a", ("karras", "exponential", "sgm_uniform")),
+    ("LMS", ("k_lms",), "lms", ()),
+    ("DDIM", ("ddim",), "ddim", ("sgm_uniform",)),
+    ("PLMS", ("plms",), "pndm", ("sgm_uniform",)),
+    ("UniPC", ("unipc",), "unipc", ("karras", "exponential", "sgm_uniform")),
+    ("LCM", ("k_lcm",), "lcm", ()),
 )
-# AUTOMATIC1111's scheduler names (its 1.9 "Schedule type") and labels.
+# AUTOMATIC1111's scheduler names (its 1.9 "Schedule type") and labels. "automatic" and
+# "uniform" run the model's own schedule.
 SCHEDULERS: tuple[tuple[str, str], ...] = (
     ("automatic", "Automatic"),
     ("uniform", "Uniform"),
@@ -103,6 +106,12 @@ SCHEDULERS: tuple[tuple[str, str], ...] = (
     ("exponential", "Exponential"),
     ("sgm_uniform", "SGM Uniform"),
 )
+MODEL_SCHEDULE = ("automatic", "uniform")
+# By name or alias, and schedule by name or label, case-insensitive as AUTOMATIC1111 finds them.
+_SAMPLER_BY_NAME = {
+    key.lower(): (ours, schedules) for name, aliases, ours, schedules in SAMPLERS for key in (name, *aliases)
+}
+_SCHEDULE_BY_NAME = {key.lower(): name for name, label in SCHEDULERS for key in (name, label)}
 IGNORED_HEADER = "X-Imagegen-Ignored"
 MAX_IGNORED_HEADER = 1024
 # A caller's checkpoint choice (POST options) is kept for this many callers on an instance.
@@ -179,6 +188,8 @@ def parse_txt2img(
         )
     sampler = _name(data, "sampler_name") or _name(data, "sampler_index")
     scheduler = _name(data, "scheduler")
+    ours, unusable = scheduler_of(sampler, scheduler)
+    ignored += unusable
     generation = GenerationRequest(
         prompt=prompt,
         backend=backend,
@@ -189,8 +200,42 @@ def parse_txt2img(
         steps=_integer(data, "steps", MIN_STEPS, MAX_STEPS),
         guidance_scale=_guidance(data),
         seed=None if seed in (None, -1) else seed,
+        scheduler=ours,
     )
     return Txt2Img(generation, batch_size, n_iter, sampler, scheduler, tuple(ignored), checkpoint)
+
+
+def scheduler_of(sampler: str | None, schedule: str | None) -> tuple[str | None, list[str]]:
+    """Our scheduler name for AUTOMATIC1111's `sampler_name` and `scheduler`, and which of the
+    two cannot be used (listed as ignored). A sampler name with its schedule in it, as clients
+    before AUTOMATIC1111 1.9 send ("DPM++ 2M Karras"), is read as both."""
+    asked_schedule = ["scheduler"] if schedule else []
+    if not sampler:
+        # A schedule type for the model's own sampler: that sampler is not known here.
+        return None, asked_schedule
+    found = _SAMPLER_BY_NAME.get(sampler.lower())
+    if found is None:
+        found, in_name = _split_schedule(sampler)
+        if in_name is not None and _SCHEDULE_BY_NAME.get((schedule or "automatic").lower()) in MODEL_SCHEDULE:
+            schedule = in_name
+    if found is None:
+        return None, ["sampler_name", *asked_schedule]
+    ours, schedules = found
+    schedule_name = _SCHEDULE_BY_NAME.get((schedule or "automatic").lower())
+    if schedule_name in MODEL_SCHEDULE:
+        return ours, []
+    if schedule_name in schedules:
+        return f"{ours}_{schedule_name}", []
+    return ours, asked_schedule
+
+
+def _split_schedule(sampler: str) -> tuple[tuple[str, tuple[str, ...]] | None, str | None]:
+    """"DPM++ 2M Karras" as the sampler DPM++ 2M and the schedule type karras."""
+    for name, label in SCHEDULERS:
+        base = sampler.lower().removesuffix(" " + label.lower())
+        if base != sampler.lower() and base in _SAMPLER_BY_NAME:
+            return _SAMPLER_BY_NAME[base], name
+    return None, None
 
 
 def resolve_checkpoint(value: str, catalog: Catalog) -> tuple[str | None, str]:
@@ -521,7 +566,7 @@ class A1111Api:
 
     def samplers(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         self._caller(request, record)
-        return _json([{"name": name, "aliases": list(aliases), "options": {}} for name, aliases in SAMPLERS])
+        return _json([{"name": name, "aliases": list(aliases), "options": {}} for name, aliases, _, _ in SAMPLERS])
 
     def schedulers(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         self._caller(request, record)
@@ -661,16 +706,11 @@ def txt2img_answer(
     failed = [result for result in results if isinstance(result, ImageGenError)]
     ignored = list(asked.ignored)
     backends_used = {produced.route.backend for _, produced in made}
-    # No backend here takes AUTOMATIC1111's sampler or scheduler names yet.
-    if asked.sampler_name:
-        ignored.append("sampler_name")
-    if asked.scheduler:
-        ignored.append("scheduler")
     for _, produced in made:
         for name in produced.ignored:
-            a1111_name = A1111_NAMES.get(name, name)
-            if a1111_name not in ignored:
-                ignored.append(a1111_name)
+            for a1111_name in _a1111_names(name, asked):
+                if a1111_name not in ignored:
+                    ignored.append(a1111_name)
     generation = asked.generation
     seeds = [produced.seed if produced.seed is not None else -1 for _, produced in made]
     first = made[0][1] if made else None
@@ -732,6 +772,14 @@ def txt2img_answer(
 
 # The JSON API's field names, as AUTOMATIC1111 calls them.
 A1111_NAMES = {"negativePrompt": "negative_prompt", "guidanceScale": "cfg_scale", "steps": "steps", "seed": "seed"}
+
+
+def _a1111_names(name: str, asked: Txt2Img) -> list[str]:
+    """A field a backend ignored, as the caller named it: our `scheduler` is AUTOMATIC1111's
+    sampler_name and its scheduler together."""
+    if name == "scheduler":
+        return [field for field, value in (("sampler_name", asked.sampler_name), ("scheduler", asked.scheduler)) if value]
+    return [A1111_NAMES.get(name, name)]
 
 
 def infotext(produced: Produced) -> str:

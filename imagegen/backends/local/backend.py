@@ -65,7 +65,7 @@ class LocalBackend:
         return identity
 
     def capabilities(self, model: str) -> Capabilities:
-        return Capabilities(negative_prompt=True, steps=True, guidance=True, seed=True)
+        return Capabilities(negative_prompt=True, steps=True, guidance=True, seed=True, scheduler=True)
 
     def routes(self, request: GenerationRequest, model: str, context: GenerationContext) -> list[Route]:
         return [Route(NAME, model)]

@@ -26,6 +26,7 @@ from imagegen.backends.local.hub import (
     probe_hub,
 )
 from imagegen.backends.local.options import LocalOptions
+from imagegen.backends.local.schedulers import Schedulers
 from imagegen.errors import ConfigurationError, ImageGenError, LocalModelUnavailable
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Loaded:
     device: str
     dtype: str
     parameters: frozenset[str]  # what the pipeline's __call__ accepts
+    schedulers: Schedulers | None = None  # the ones a request may name, built on first use
 
 
 def load_pipeline(model: str, options: LocalOptions) -> Loaded:
@@ -75,7 +77,14 @@ def load_pipeline(model: str, options: LocalOptions) -> Loaded:
         raise _load_error(model, is_folder, device, error) from None
     pipeline.set_progress_bar_config(disable=True)
     parameters = frozenset(inspect.signature(pipeline.__call__).parameters)
-    return Loaded(model=model, pipeline=pipeline, device=device, dtype=dtype_name, parameters=parameters)
+    return Loaded(
+        model=model,
+        pipeline=pipeline,
+        device=device,
+        dtype=dtype_name,
+        parameters=parameters,
+        schedulers=Schedulers(pipeline),
+    )
 
 
 def _weights(model: str, is_folder: bool, prefer_fp16: bool) -> Weights:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import io
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from imagegen.backends.base import GenerationContext
 from imagegen.backends.local.defaults import ModelDefaults, known_defaults
 from imagegen.backends.local.early_stop import Stop, run_error, step_callback, stop_reason
 from imagegen.backends.local.loading import Loaded, free_memory, is_out_of_memory
+from imagegen.backends.local.schedulers import Schedulers
 from imagegen.domain import GenerationRequest
 from imagegen.errors import ImageGenError, LocalModelUnavailable, UpstreamError
 
@@ -41,7 +43,7 @@ def run_pipeline(
     if stop is not None:
         raise run_error(stop)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _scheduler(loaded.schedulers, request.scheduler) as honoured:
             output = pipeline(**arguments)
     except Stop as stopped:
         raise run_error(stopped.reason) from None
@@ -66,7 +68,17 @@ def run_pipeline(
         # Without classifier-free guidance (guidance <= 1, as turbo models run) the negative
         # prompt has nothing to steer: say so rather than pretend.
         ignored = (*ignored, "negativePrompt")
+    if not honoured:
+        ignored = (*ignored, "scheduler")
     return output.images[0], ignored
+
+
+def _scheduler(schedulers: Schedulers | None, name: str | None) -> AbstractContextManager[bool]:
+    """The asked scheduler in the pipeline for this run (the default put back after); True
+    where it was used (or none was asked)."""
+    if schedulers is None:
+        return nullcontext(name is None)
+    return schedulers.using(name)
 
 
 def pipeline_arguments(
