@@ -5,6 +5,7 @@ package against the real function with the loopback OpenAI stand-in as its backe
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 from pathlib import Path
 
@@ -111,3 +112,170 @@ def test_sse_length_is_what_sse_sends() -> None:
         parts = openai_stream.PngParts.of(image)
         sent = b"".join(openai_stream.sse(openai_stream.PARTIAL, head, parts))
         assert openai_stream.sse_length(openai_stream.PARTIAL, head, parts) == len(sent)
+
+
+# --- OpenAI's own partial images ------------------------------------------------------------------
+
+
+def pixels(data: bytes) -> bytes:
+    return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+def test_the_sdk_gets_openais_partial_images_in_order_then_the_image(tmp_path: Path) -> None:
+    from tests.fake_openai import partial_image
+
+    with FakeOpenAI(VENDOR_KEY) as vendor:
+        process = openai_function(vendor, tmp_path)
+        try:
+            stream = client_for(process).images.generate(prompt="a fox", size="1024x1024", stream=True, partial_images=2)
+            events = list(stream)
+            plain = client_for(process).images.generate(prompt="a plain fox", size="1024x1024")
+        finally:
+            process.stop()
+        streamed_call, plain_call = (call.json() for call in vendor.calls())
+    assert (streamed_call["stream"], streamed_call["partial_images"]) == (True, 2)
+    assert "stream" not in plain_call and "partial_images" not in plain_call and plain.data[0].b64_json
+    assert [event.type for event in events] == [
+        "image_generation.partial_image", "image_generation.partial_image", "image_generation.completed"
+    ]  # fmt: skip
+    assert [event.partial_image_index for event in events[:2]] == [0, 1]
+    for index, event in enumerate(events[:2]):
+        assert pixels(base64.b64decode(event.b64_json)) == pixels(partial_image("a fox", index, 1024, 1024))
+    assert decoded(events[-1].b64_json).size == (1024, 1024)
+    assert events[-1].usage.output_tokens == 1056
+
+
+def test_an_error_event_mid_stream_is_the_callers_error_event(tmp_path: Path) -> None:
+    from tests.fake_openai import event_stream, partial_image
+
+    partial = {"type": "image_generation.partial_image", "partial_image_index": 0,
+               "b64_json": base64.b64encode(partial_image("a fox", 0, 1024, 1024)).decode()}
+    refusal = {"type": "error", "error": {"type": "image_generation_user_error", "code": "moderation_blocked",
+                                          "message": "Your request was rejected by the safety system.", "param": None}}
+    with FakeOpenAI(VENDOR_KEY) as vendor:
+        vendor.reply(event_stream(("image_generation.partial_image", partial), ("error", refusal)))
+        process = openai_function(vendor, tmp_path)
+        events = []
+        try:
+            with pytest.raises(openai.APIError) as raised:
+                for event in client_for(process).images.generate(prompt="a fox", stream=True, partial_images=1):
+                    events.append(event)
+        finally:
+            process.stop()
+    assert [event.type for event in events] == ["image_generation.partial_image"]
+    assert raised.value.code == "content_policy_violation"
+    assert "safety system" in raised.value.message and VENDOR_KEY not in raised.value.message
+
+
+# --- the exchange's streaming read ----------------------------------------------------------------
+
+
+class EventPeer:
+    """A loopback server that answers one request with an event stream, piece by piece: each
+    piece waits for the test's go-ahead, so the test sees what arrived before the body ended."""
+
+    def __init__(self, pieces: list[bytes], headers: str = "Content-Type: text/event-stream\r\n") -> None:
+        import socket
+        import threading
+
+        self.pieces, self.headers = pieces, headers
+        self.go = [threading.Event() for _ in pieces]
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import socket
+
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn, contextlib.suppress(OSError):  # the client may have gone (the deadline test)
+            conn.recv(65536)
+            conn.sendall(f"HTTP/1.1 200 OK\r\n{self.headers}Connection: close\r\n\r\n".encode())
+            for piece, go in zip(self.pieces, self.go):
+                if not go.wait(10):
+                    return
+                conn.sendall(piece)
+            # Close without a reset: read what the client sent after its head (its body).
+            conn.shutdown(socket.SHUT_WR)
+            conn.settimeout(5)
+            while conn.recv(65536):
+                pass
+
+    def close(self) -> None:
+        for go in self.go:
+            go.set()
+        self.listener.close()
+        self.thread.join(10)
+
+
+def exchange_call(seconds: float = 5.0):
+    import time
+
+    from imagegen.backends.base import GenerationContext
+    from imagegen.backends.openai import VENDOR
+    from imagegen.backends.vendor import CallContext
+    from imagegen.outbound import HttpExchange, new_session
+
+    return (HttpExchange(new_session(), timeout_seconds=seconds, deadline_seconds=seconds),
+            CallContext(VENDOR, "openai", "gpt-image-2", None), GenerationContext(deadline=time.monotonic() + seconds))
+
+
+def test_events_are_handed_on_as_they_arrive() -> None:
+    import threading
+
+    first, second = b'event: one\ndata: {"a": 1}\n\n', b': keep-alive\n\nevent: two\r\ndata: x\r\ndata: y\r\n\r\n'
+    peer = EventPeer([first[:7], first[7:] + second[:9], second[9:]])
+    exchange, call, context = exchange_call()
+    seen, arrived = [], threading.Event()
+
+    def on_event(event) -> None:
+        seen.append((event.name, event.data))
+        arrived.set()
+        if len(seen) == 1:
+            peer.go[2].set()  # the rest is sent only once the first event was handed on
+
+    peer.go[0].set()
+    peer.go[1].set()
+    try:
+        answer = exchange.send("POST", peer.url + "/v1/images/generations", call, context, json={}, on_event=on_event)
+    finally:
+        peer.close()
+    assert seen == [("one", b'{"a": 1}'), ("two", b"x\ny")] and answer.body == b""
+
+
+def test_an_event_stream_is_capped_in_size() -> None:
+    from imagegen.errors import UpstreamError
+
+    peer = EventPeer([b"data: " + b"x" * 5000 + b"\n\n"] * 3)
+    for go in peer.go:
+        go.set()
+    exchange, call, context = exchange_call()
+    try:
+        with pytest.raises(UpstreamError) as raised:
+            exchange.send("POST", peer.url + "/", call, context, json={}, on_event=lambda event: None, events_limit=12000)
+    finally:
+        peer.close()
+    assert raised.value.code == "upstream_bad_response"
+
+
+def test_an_event_stream_ends_by_its_deadline() -> None:
+    import time
+
+    from imagegen.errors import UpstreamTimeout
+
+    peer = EventPeer([b"data: {}\n\n", b"data: {}\n\n"])  # the second never comes
+    peer.go[0].set()
+    exchange, call, context = exchange_call(1.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(UpstreamTimeout):
+            exchange.send("POST", peer.url + "/", call, context, json={}, on_event=lambda event: None)
+    finally:
+        peer.close()
+    assert time.monotonic() - started < 2.5
