@@ -279,3 +279,33 @@ def test_an_event_stream_ends_by_its_deadline() -> None:
     finally:
         peer.close()
     assert time.monotonic() - started < 2.5
+
+
+# --- the JSON API's stream: `partial` events ------------------------------------------------------
+
+
+def test_the_json_api_stream_sends_partial_events_when_asked(tmp_path: Path) -> None:
+    import json
+
+    process = start_function(
+        {"BACKENDS": "demo", "DEMO_STEP_SECONDS": "0.01", "IMAGE_DIR": str(tmp_path / "images")}, tmp_path / "function.log"
+    )
+    try:
+        ask = {"prompt": "a fox", "width": 256, "height": 256, "partialImages": 2}
+        streamed = requests.post(process.url, json=ask, headers={"Accept": "text/event-stream"}, timeout=30)
+        plain = requests.post(process.url, json=ask, timeout=30)
+        without = requests.post(process.url, json={**ask, "partialImages": None}, headers={"Accept": "text/event-stream"}, timeout=30)
+    finally:
+        process.stop()
+    events = [
+        (block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
+        for block in streamed.text.strip().split("\n\n")
+        if block.startswith("event: ")
+    ]
+    partials = [data for name, data in events if name == "partial"]
+    assert [data["index"] for data in partials] == [0, 1]
+    for data in partials:
+        assert decoded(data["imageUrl"].removeprefix("data:image/png;base64,")).size == (256, 256)
+    assert [name for name, _ in events][-1] == "result"
+    assert plain.status_code == 200 and plain.json()["success"] is True
+    assert "event: partial" not in without.text and "event: result" in without.text
