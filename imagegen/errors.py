@@ -78,6 +78,15 @@ class ImageNotFound(ImageGenError):
 
     status = 404
     code = "image_not_found"
+
+
+class StreamTooLarge(ImageGenError):
+    """An image too large for a streamed answer (Cloud Run ends one at 10 MB) that has no URL
+    to send instead: only in a stream's `error` event, after the images that fit."""
+
+    status = 413
+    code = "stream_too_large"
+
 # The connection's own errors, answered by the server before the handler runs (imagegen/connections.py).
 
 

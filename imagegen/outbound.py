@@ -12,7 +12,10 @@ the connection made to the checked address (no second lookup); TLS still checks 
 Bodies are read in large pieces, capped in size; compressed ones are decoded here, with the
 decoded bytes counted (a deflate bomb stops at the cap), and encodings other than identity,
 gzip and deflate are refused. `HttpExchange` words every failure for the vendor
-(imagegen.backends.vendor); `fetch` is the plain form for everything else.
+(imagegen.backends.vendor); `fetch` is the plain form for everything else. A vendor's answer in
+Server-Sent Events (a vendor's streamed images) is read the same way, each event handed on as its
+blank line arrives, one event and the whole stream capped in size (`HttpExchange.send` with
+`on_event`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ OK_STATUSES = (200, 201, 202)
 DEFAULT_CALL_SECONDS = 30.0
 # Token, certificate and Hub answers are small JSON documents.
 MAX_SMALL_BODY_BYTES = 1024 * 1024
+# One event of a vendor's event stream: an image's base64 and its JSON fields.
+MAX_EVENT_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 64 * 1024
+EVENT_STREAM = "text/event-stream"
 # Whatever went wrong with an image URL, the vendor's caller reads this one text: telling a
 # refused address from a refused connection or a TLS failure would make a port scanner.
 DOWNLOAD_REFUSED = "an image URL this function will not fetch, or could not fetch"
@@ -514,6 +520,95 @@ def _body_socket(response: requests.Response) -> Any:
     return sock
 
 
+# --- event streams: a vendor's Server-Sent Events, as they arrive ------------------------------
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    """One Server-Sent Event: its `event:` name (None without one) and its `data:` lines joined."""
+
+    name: str | None
+    data: bytes
+
+
+class EventReader:
+    """Server-Sent Events parsed from pieces of a body as they come, each event once its blank
+    line has arrived; an event (or a line) over `max_event` bytes is OutboundFailure too_large.
+    Only what is still incomplete is kept, and no byte is scanned twice."""
+
+    def __init__(self, max_event: int) -> None:
+        self._max_event = max_event
+        self._buffer = bytearray()
+        self._scanned = 0
+        self._name: str | None = None
+        self._data: list[bytes] = []
+        self._size = 0
+
+    def feed(self, piece: bytes) -> list[ServerEvent]:
+        self._buffer += piece
+        events: list[ServerEvent] = []
+        start = 0
+        while (end := self._buffer.find(b"\n", max(start, self._scanned))) >= 0:
+            line = bytes(self._buffer[start:end])
+            start = end + 1
+            event = self._line(line[:-1] if line.endswith(b"\r") else line)
+            if event is not None:
+                events.append(event)
+        del self._buffer[:start]
+        self._scanned = len(self._buffer)
+        if self._size + len(self._buffer) > self._max_event:
+            raise OutboundFailure("too_large")
+        return events
+
+    def _line(self, line: bytes) -> ServerEvent | None:
+        if not line:
+            event = ServerEvent(self._name, b"\n".join(self._data)) if self._data or self._name else None
+            self._name, self._data, self._size = None, [], 0
+            return event
+        if line.startswith(b":"):
+            return None  # a comment: a keep-alive
+        field, _, value = line.partition(b":")
+        value = value[1:] if value.startswith(b" ") else value
+        if field == b"data":
+            self._data.append(value)
+            self._size += len(value) + 1
+        elif field == b"event":
+            self._name = value.decode("utf-8", "replace")
+        return None
+
+
+def read_events(response: requests.Response, on_event: Callable[[ServerEvent], None], limit: int, max_event: int) -> None:
+    """An event stream, decoded, each event handed to `on_event` as it completes; the whole
+    within `limit` bytes and the current deadline (else OutboundFailure). `on_event`'s own
+    errors pass through."""
+    scope = current_deadline()
+    decoder = _decoder_for(response.headers)
+    reader = EventReader(max_event)
+    size = 0
+    while True:
+        try:
+            piece = response.raw.read1(READ_BYTES, decode_content=False)
+            if piece and decoder is not None:
+                piece = decoder.feed(piece, limit - size)
+        except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
+            raise OutboundFailure("timeout") from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
+            if scope is not None and scope.expired:
+                raise OutboundFailure("timeout") from None
+            raise OutboundFailure("broken", type(error).__name__) from None
+        if scope is not None and scope.expired:
+            raise OutboundFailure("timeout")  # the watchdog ended the read: what came is not all
+        if not piece:
+            return
+        size += len(piece)
+        if size > limit:
+            raise OutboundFailure("too_large")
+        for event in reader.feed(piece):
+            on_event(event)
+        if scope is not None and scope.left() <= 0:
+            raise OutboundFailure("timeout")
+
+
 def _failure_of(error: requests.RequestException) -> OutboundFailure:
     """What a requests error means, without hosts, ports or paths."""
     scope = current_deadline()
@@ -630,8 +725,13 @@ class HttpExchange:
         data: Any = None,
         files: Any = None,
         accept_statuses: tuple[int, ...] = OK_STATUSES,
+        on_event: Callable[[ServerEvent], None] | None = None,
+        events_limit: int = MAX_EVENT_BYTES,
     ) -> Answer:
-        """One request to the vendor's API: the status checked, the body read within the deadline."""
+        """One request to the vendor's API: the status checked, the body read within the deadline.
+        With `on_event`, an accepted answer in Server-Sent Events is handed on event by event as
+        it arrives (at most `events_limit` bytes in all, MAX_EVENT_BYTES in one event) and the
+        Answer's body is empty; any other answer is read as without it."""
         timeout = self._request_timeout(call, context)
         with deadline(timeout):
             try:
@@ -654,8 +754,14 @@ class HttpExchange:
                 ok = response.status_code in accept_statuses
                 if ok and context.slot is not None and not context.slot.take(timeout=context.time_left()):
                     raise _server_busy()
+                events = ok and on_event is not None and _is_event_stream(response.headers)
                 try:
-                    body = read_body(response, MAX_IMAGE_BYTES if ok else MAX_ERROR_BODY_BYTES, truncate=not ok)
+                    if events:
+                        assert on_event is not None
+                        read_events(response, on_event, events_limit, min(events_limit, MAX_EVENT_BYTES))
+                        body = b""
+                    else:
+                        body = read_body(response, MAX_IMAGE_BYTES if ok else MAX_ERROR_BODY_BYTES, truncate=not ok)
                 except OutboundFailure as failure:
                     raise self._failed(failure, call, urlsplit(url).hostname) from None
         if not ok:
@@ -733,6 +839,10 @@ class HttpExchange:
                 fail_over=True,
             )
         return _broken_off(call, failure.cause or failure.kind)
+
+
+def _is_event_stream(headers: Mapping[str, str]) -> bool:
+    return (headers.get("Content-Type") or "").split(";", 1)[0].strip().lower() == EVENT_STREAM
 
 
 class BadDownload(ValueError):

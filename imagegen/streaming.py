@@ -11,10 +11,14 @@ come:
     event: retry      {"reason", "status", "waitSeconds"}
     event: failover   {"from", "to"}
     event: progress   {"step", "steps", "fraction"}       where the backend can tell
+    event: partial    {"index", "imageUrl"}               an intermediate image (`partialImages`)
     event: stored     {"filePath"}
     event: result     the non-streamed answer's JSON object
  or event: error      the non-streamed error object, plus "status"
 
+A backend's `partial_image` progress event (its `png`, reported only when the request asked
+for `partialImages`) is sent as `partial` with the image as a data URL, numbered from 0, and
+only while the stream keeps room for a result of about its size after it (the 10 MB cap below);
 and a comment line (": keep-alive") after KEEPALIVE_SECONDS of silence, so that proxies keep
 the connection open. Exactly one `result` or `error` ends the stream.
 
@@ -28,6 +32,7 @@ stored, so a retry with the same seed is served from the cache.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import socket
 import ssl
@@ -36,6 +41,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+import pybase64
 
 from imagegen.errors import Cancelled, ImageGenError
 from imagegen.events import ProgressSink
@@ -55,7 +62,9 @@ CLIENT_CLOSED = 499
 
 EVENT_STREAM = "text/event-stream"
 # Every event a stream may carry (openapi.yaml describes each one's data).
-EVENT_NAMES = ("accepted", "queued", "attempt", "retry", "failover", "progress", "stored", "result", "error")
+EVENT_NAMES = ("accepted", "queued", "attempt", "retry", "failover", "progress", "partial", "stored", "result", "error")
+# The progress event a backend reports an intermediate image with (its field `png`: PNG bytes).
+PARTIAL_PROGRESS_EVENT = "partial_image"
 
 
 def wants_event_stream(accept: Iterable[tuple[str, float]]) -> bool:
@@ -138,6 +147,7 @@ class GenerationStream(Generic[Result]):
         self._open = 2  # the work and the stream
         self._bytes_sent = 0
         self._outcome: tuple[int, str | None] = (CLIENT_CLOSED, Cancelled.code)
+        self._partials = 0
 
     # --- the work's side -------------------------------------------------------------------
 
@@ -178,8 +188,10 @@ class GenerationStream(Generic[Result]):
                     continue
                 if kind == "event":
                     name, fields = item
-                    yield self._sent(encode_event(name, fields))
-                    last_sent = time.monotonic()
+                    event = self._partial(fields) if name == PARTIAL_PROGRESS_EVENT else encode_event(name, fields)
+                    if event is not None:
+                        yield self._sent(event)
+                        last_sent = time.monotonic()
                     continue
                 if kind == "result":
                     pieces = self._result(item)
@@ -197,6 +209,19 @@ class GenerationStream(Generic[Result]):
                 self._outcome = (CLIENT_CLOSED, Cancelled.code)
                 self.cancelled.set()
             self._close_one()
+
+    def _partial(self, fields: Mapping[str, Any]) -> bytes | None:
+        """The `partial` event of an intermediate image, or None: not an image, or no room for
+        it and then a result of about its size under MAX_STREAM_BYTES."""
+        png = fields.get("png")
+        if not isinstance(png, bytes):
+            return None
+        head = b'event: partial\ndata: {"index": %d, "imageUrl": "data:image/png;base64,' % self._partials
+        tail = b'"}\n\n'
+        if self._bytes_sent + 2 * (len(head) + 4 * math.ceil(len(png) / 3) + len(tail)) > MAX_STREAM_BYTES:
+            return None
+        self._partials += 1
+        return head + pybase64.b64encode(png) + tail
 
     def _sent(self, piece: bytes) -> bytes:
         self._bytes_sent += len(piece)

@@ -19,6 +19,7 @@ MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 2048, 8
 MIN_STEPS, MAX_STEPS = 1, 100
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
 MAX_SEED = 4_294_967_295
+MAX_PARTIAL_IMAGES = 3
 
 KNOWN_FIELDS = (
     "prompt",
@@ -31,6 +32,7 @@ KNOWN_FIELDS = (
     "backend",
     "model",
     "provider",
+    "partialImages",
 )
 
 
@@ -78,6 +80,7 @@ def parse_generation_request(body: bytes, catalog: Catalog, max_prompt_chars: in
         steps=_integer(data, "steps", MIN_STEPS, MAX_STEPS),
         guidance_scale=_guidance(data),
         seed=_integer(data, "seed", 0, MAX_SEED),
+        partial_images=_integer(data, "partialImages", 0, MAX_PARTIAL_IMAGES) or 0,
     )
 
 

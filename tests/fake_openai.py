@@ -5,6 +5,13 @@
   "data": [{"b64_json"}] * n, "output_format", "quality", "size", "usage": {input_tokens,
   input_tokens_details {image_tokens, text_tokens}, output_tokens, total_tokens}}` with an image
   of the asked size (`auto`: 1024x1024) in the asked format (png by default).
+- `stream: true` (with `partial_images` 0-3) answers Server-Sent Events instead, as the real
+  API does: per image, `partial_images` events `image_generation.partial_image` {type,
+  b64_json, partial_image_index, created_at, size, quality, background, output_format} (each
+  `partial_image(prompt, index, width, height)`, so a test knows what was sent), then
+  `image_generation.completed` {type, b64_json, created_at, size, quality, background,
+  output_format, usage}. `event_stream((name, data), ...)` scripts any other stream (an `error`
+  event mid-way: `{"type": "error", "error": {...}}`).
 - Checks as the real API does: a missing or wrong key → 401 (`invalid_api_key`); a model not in
   `models` (gpt-image-1 and DALL·E were shut down) → 404 `model_not_found`; `response_format`
   → 400 `unknown_parameter`; a size that is not WxH → 400 `invalid_size`; no prompt → 400.
@@ -18,6 +25,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 import uuid
@@ -80,6 +88,20 @@ def unverified_organization(model: str = "gpt-image-2") -> Reply:
     return _error(403, f"Your organization must be verified to use the model `{model}`. Please go to: "
                        "https://platform.openai.com/settings/organization/general and click on Verify "
                        "Organization.", "invalid_request_error", None)
+
+
+def partial_image(prompt: str, index: int, width: int, height: int, fmt: str = "png") -> bytes:
+    """The stand-in's `index`th partial image for a prompt: a blurred picture of its own."""
+    return make_image(width, height, f"partial/{prompt}/{index}", fmt, blur=True)
+
+
+def sse_body(events: list[tuple[str, dict]]) -> bytes:
+    return b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events)
+
+
+def event_stream(*events: tuple[str, dict]) -> Reply:
+    """A scripted answer in Server-Sent Events."""
+    return Reply(200, sse_body(list(events)), {"Content-Type": "text/event-stream; charset=utf-8"})
 
 
 def server_error(status: int = 500) -> Reply:
@@ -151,6 +173,8 @@ class FakeOpenAI(StandIn):
         count = int(payload.get("n") or 1)
         images = [make_image(width, height, f"{payload['prompt']}/{i}/{time.time_ns()}", fmt) for i in range(count)]
         quality = payload.get("quality", "auto")
+        if payload.get("stream") is True:
+            return self._stream(payload, images, fmt, "medium" if quality == "auto" else quality, width, height)
         return json_answer({
             "created": int(time.time()),
             "background": "opaque",
@@ -161,6 +185,24 @@ class FakeOpenAI(StandIn):
             "usage": {"input_tokens": 12, "input_tokens_details": {"image_tokens": 0, "text_tokens": 12},
                       "output_tokens": 1056 * count, "total_tokens": 12 + 1056 * count},
         })
+
+    @staticmethod
+    def _stream(payload: dict, images: list[bytes], fmt: str, quality: str, width: int, height: int) -> Answer:
+        common = {"created_at": int(time.time()), "size": f"{width}x{height}", "quality": quality,
+                  "background": "opaque", "output_format": fmt}
+        partials = int(payload.get("partial_images") or 0)
+        events: list[tuple[str, dict]] = []
+        for image in images:
+            for index in range(partials):
+                partial = partial_image(payload["prompt"], index, width, height, fmt)
+                events.append(("image_generation.partial_image", {
+                    "type": "image_generation.partial_image", "b64_json": base64.b64encode(partial).decode(),
+                    "partial_image_index": index, **common}))
+            events.append(("image_generation.completed", {
+                "type": "image_generation.completed", "b64_json": base64.b64encode(image).decode(), **common,
+                "usage": {"input_tokens": 12, "input_tokens_details": {"image_tokens": 0, "text_tokens": 12},
+                          "output_tokens": 1056, "total_tokens": 1068}}))
+        return Answer(200, sse_body(events), {"Content-Type": "text/event-stream; charset=utf-8"})
 
     @staticmethod
     def _send(reply: Reply) -> Answer:

@@ -459,3 +459,38 @@ def test_screenshots(browser, demo, scheme, viewport):
     expect(page.locator("#status")).to_contain_text("Done in", timeout=15_000)
     page.screenshot(path=str(ARTIFACTS / f"{name}-result.png"))
     context.close()
+
+
+RECORD_PREVIEWS = """() => {
+  window.previews = [];
+  const image = document.getElementById("image");
+  new MutationObserver(() => {
+    if (image.classList.contains("partial") && image.src !== window.previews.at(-1)) window.previews.push(image.src);
+  }).observe(image, {attributes: true, attributeFilter: ["src", "class"]});
+}"""
+
+
+def test_partial_images_show_while_the_image_is_made(page, demo):
+    from imagegen.backends.demo import placeholder_png
+
+    function = demo()
+    page.goto(function.url)
+    page.evaluate(RECORD_PREVIEWS)
+    generate(page, "A lighthouse, step by step")
+    expect(page.locator("#image.partial")).to_be_visible()
+    expect(page.locator("#phase")).to_be_visible()  # the phase stays on top of the preview
+    expect(page.locator("#status")).to_contain_text("Done in")
+    previews = page.evaluate("window.previews")
+    # The demo draws its placeholder labelled with the step: steps 1-3 of 4, then the image.
+    assert len(previews) == 3 and all(p.startswith("data:image/png;base64,") for p in previews)
+    from io import BytesIO
+
+    from PIL import Image
+
+    size = Image.open(BytesIO(base64.b64decode(previews[0].split(",", 1)[1]))).size
+    expected = [placeholder_png(*size, f"step {step} of 4: A lighthouse, step by step") for step in (1, 2, 3)]
+    assert [base64.b64decode(p.split(",", 1)[1]) for p in previews] == expected
+    expect(page.locator("#image")).not_to_have_class("partial")
+    assert page.eval_on_selector("#image", "el => el.src") not in previews
+    expect(page.locator("#meta")).to_have_text("demo · placeholder")
+    assert page.problems == []

@@ -10,24 +10,42 @@ side at most 3840, short side at most 2160, ratio at most 3:1 and at least 655,3
 `gpt-image-1` generation (1.5, 1-mini) and any model this module does not recognise get the
 three sizes every GPT image model takes. Without a width or height no size is sent: the
 API's default, `auto`, lets the model pick the shape that suits the prompt.
+
+Partial images: when a streamed caller asks for them (GenerationRequest.partial_images) and the
+model is a GPT image model, the call adds `stream: true, partial_images: N` and OpenAI answers
+Server-Sent Events: `image_generation.partial_image` (`b64_json`, `partial_image_index`), then
+`image_generation.completed` (`b64_json`, `usage`), or `error` (`{"error": {...}}`). They are
+read through the exchange as they arrive; each partial image is reported as a `partial_image`
+progress event (its `png`), which the Images API door sends on. A partial image that cannot be
+read is skipped (it is only a preview); the completed image is checked as any answer is.
 """
 
 from __future__ import annotations
 
 import re
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import requests
 
 from imagegen.backends.base import Capabilities, GenerationContext
-from imagegen.outbound import HttpExchange
+from imagegen.outbound import MAX_EVENT_BYTES, HttpExchange, ServerEvent
 from imagegen.backends.sizes import free_size, nearest_size, requested_shape
-from imagegen.backends.toolkit import first_b64_image, json_object, reading_answer, require_key, to_png
-from imagegen.backends.vendor import CONTENT_REJECTED, CREDITS, MODEL_NOT_AVAILABLE, CallContext, Vendor
+from imagegen.backends.toolkit import (
+    SHAPE_ERRORS,
+    Unusable,
+    b64_image,
+    first_b64_image,
+    json_object,
+    reading_answer,
+    require_key,
+    to_png,
+)
+from imagegen.backends.vendor import CONTENT_REJECTED, CREDITS, MODEL_NOT_AVAILABLE, CallContext, Vendor, error_for_status
 from imagegen.config import BackendSettings, Settings
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
-from imagegen.errors import ConfigurationError, UpstreamError
+from imagegen.errors import ConfigurationError, ImageGenError, UpstreamError
 from imagegen.identity import account_fingerprint
 from imagegen.retry import retry_after_ms, server_delay_seconds
 
@@ -44,6 +62,11 @@ _RETIRED = re.compile(r"gpt-image-1(?:-\d{4}-\d{2}-\d{2})?|dall-e-[23](?:-.*)?",
 _QUALITY = re.compile(r"[a-z]{1,16}")
 _UNVERIFIED_ORGANIZATION = re.compile(r"organi[sz]ation must be verified", re.IGNORECASE)
 VERIFY_URL = "https://platform.openai.com/settings/organization/general"
+# OpenAI's streamed image events, and the most partial images it gives per image.
+PARTIAL_EVENT, COMPLETED_EVENT = "image_generation.partial_image", "image_generation.completed"
+MAX_PARTIAL_IMAGES = 3
+# The progress event the doors take an intermediate image from (imagegen/doors/openai_stream.py).
+PARTIAL_PROGRESS = "partial_image"
 
 
 def _model_advice(call: CallContext) -> str:
@@ -104,6 +127,11 @@ VENDOR = Vendor(
 )
 
 
+def streams_partial_images(model: str) -> bool:
+    """GPT image models stream partial images; anything else this backend is pointed at may not."""
+    return model.lower().startswith("gpt-image-")
+
+
 def takes_free_size(model: str) -> bool:
     """gpt-image-2 and every later generation; the gpt-image-1 generation and unknown names
     (chatgpt-image-latest) get the three sizes every GPT image model takes."""
@@ -161,6 +189,22 @@ class OpenAIBackend:
             payload["size"] = size
         if self._quality:
             payload["quality"] = self._quality
+        partials = min(request.partial_images, MAX_PARTIAL_IMAGES) if streams_partial_images(route.model) else 0
+        completed: list[dict[str, Any]] = []
+        if partials:
+            payload.update(stream=True, partial_images=partials)
+
+        def on_event(event: ServerEvent) -> None:
+            with reading_answer(call):
+                data = json_object(event.data)
+                if event.name == "error" or data.get("type") == "error" or "error" in data:
+                    raise _stream_error(data, call)
+                kind = data.get("type") or event.name
+                if kind == PARTIAL_EVENT:
+                    _report_partial(data, context)
+                elif kind == COMPLETED_EVENT and not completed:
+                    completed.append(data)
+
         try:
             answer = self._exchange.send(
                 "POST",
@@ -169,6 +213,8 @@ class OpenAIBackend:
                 context,
                 json=payload,
                 headers={"Authorization": f"Bearer {key}"},
+                on_event=on_event if partials else None,
+                events_limit=(partials + 1) * MAX_EVENT_BYTES,
             )
         except UpstreamError as error:
             if error.upstream_status == 403 and _UNVERIFIED_ORGANIZATION.search(error.message):
@@ -181,8 +227,14 @@ class OpenAIBackend:
                 ) from None
             raise
         with reading_answer(call):
-            body = json_object(answer.body)
-            png = to_png(first_b64_image(body), context)
+            if partials and not answer.body:  # the answer came as events
+                if not completed:
+                    raise Unusable("an event stream that ended without image_generation.completed")
+                body = completed[0]
+                png = to_png(b64_image(body.get("b64_json"), "image_generation.completed's b64_json"), context)
+            else:
+                body = json_object(answer.body)
+                png = to_png(first_b64_image(body), context)
         return GeneratedImage(png=png, route=route, seed=None, request_id=call.request_id, usage=token_usage(body.get("usage")))
 
     def _check_configuration(self, model: str) -> str:
@@ -198,6 +250,23 @@ class OpenAIBackend:
                 code="invalid_configuration",
             )
         return key
+
+
+def _report_partial(data: Mapping[str, Any], context: GenerationContext) -> None:
+    """A partial image as a `partial_image` progress event; one that cannot be read is skipped."""
+    try:
+        png = to_png(b64_image(data.get("b64_json"), "b64_json"), context)
+    except (*SHAPE_ERRORS, ImageGenError):
+        return
+    context.progress(PARTIAL_PROGRESS, png=png)
+
+
+def _stream_error(data: Mapping[str, Any], call: CallContext) -> UpstreamError:
+    """An `error` event in OpenAI's stream, worded as the same error answered with a status
+    would be: a refusal by the safety system as such, anything else as OpenAI's server error."""
+    error = _error_of(data)
+    refused = error.get("code") in ("moderation_blocked", "content_policy_violation")
+    return error_for_status(400 if refused else 500, {}, json.dumps({"error": error}).encode(), call)
 
 
 def token_usage(value: Any) -> dict[str, int] | None:

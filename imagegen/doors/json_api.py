@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import flask
@@ -70,6 +71,7 @@ class JsonApi:
             # The cache is asked inside the stream, after `accepted`: a slow store must not
             # keep a stream silent.
             return self._stream(request, self._service.admit(generation, caller.key, record, look_up_cache=False), record)
+        generation = replace(generation, partial_images=0)  # only a stream carries them
         admission = self._service.admit(generation, caller.key, record)
         body, length = success_body(produce_watching(self._service, admission, disconnect_probe(request.environ)))
         return response(200, body, {"Content-Type": "application/json", "Content-Length": str(length)})

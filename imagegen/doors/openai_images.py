@@ -179,12 +179,13 @@ class OpenAiImages:
     def _stream(
         self, request: flask.Request, record: RequestRecord, asked: ImagesRequest, admissions: list[Admission]
     ) -> flask.Response:
-        from imagegen.doors.openai_stream import ImagesStream
+        from imagegen.doors.openai_stream import Completed, ImagesStream
 
         facts = self._log.facts(request)
         record.fields["stream"] = True
+        base_url = self._base_url(request)  # read here: the stream outlives the request's context
 
-        def finish(produced: Produced) -> tuple[dict[str, Any], PngParts]:
+        def finish(produced: Produced) -> Completed:
             metadata = ImageMetadata(model=produced.route.model, prompt=asked.generation.prompt, seed=produced.seed)
             image, _ = in_format(self._store, produced.png, produced.stored_name, produced.file_path, metadata,
                                  asked.output_format, asked.output_compression)  # fmt: skip
@@ -199,7 +200,7 @@ class OpenAiImages:
                 "imagegen": {**image_facts(produced), "ignored": list(ignored_fields(asked, [produced])),
                              **({"warning": produced.warning} if produced.warning else {})},
             }  # fmt: skip
-            return fields, image.data
+            return Completed(fields, image.data, lambda: self._stream_url(base_url, image))
 
         def error_object(error: ImageGenError) -> dict[str, Any]:
             note_error(record, error)
@@ -217,6 +218,15 @@ class OpenAiImages:
         if asked.ignored:
             headers[IGNORED_HEADER] = ignored_header(asked.ignored)
         return response(200, stream.body(), headers)
+
+    def _stream_url(self, base_url: str, image: ImageFile) -> str | None:
+        """A URL of a streamed image too large for the stream, or None where it has none."""
+        if image.stored_name is None:
+            return None
+        try:
+            return self._image_urls(base_url, image.stored_name, image.ext)
+        except UpstreamError:
+            return None
 
     def _admit_all(self, asked: ImagesRequest, caller: str, record: RequestRecord) -> list[Admission]:
         """Each image admitted on its own: the limits count images, not requests. One refused

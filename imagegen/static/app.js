@@ -23,6 +23,7 @@
   const resultActions = $("result-actions");
   const historyList = $("history");
   const HISTORY_LIMIT = 12;
+  const PARTIAL_IMAGES = 3;
   const HISTORY_KEY = "imagegen-history";
   // The API's field names, and the control that sets each (its label is what people read).
   const FIELD_CONTROLS = {
@@ -121,6 +122,8 @@
     if (text("seed")) body.seed = Number(text("seed"));
     if ($("model").value) body.model = $("model").value;
     if ($("provider").value) body.provider = $("provider").value;
+    // Intermediate images while it is made, where the backend can show them (`partial` events).
+    body.partialImages = PARTIAL_IMAGES;
     return body;
   }
 
@@ -241,6 +244,14 @@
         if (data.steps) setPhase(`Waiting for the model: step ${data.step} of ${data.steps}`, data.step / data.steps);
         else if (data.fraction !== undefined) setPhase(`Waiting for the model: ${Math.round(data.fraction * 100)} %`, data.fraction);
         break;
+      case "partial":
+        // The image so far, under the phase, until the result replaces it.
+        image.src = data.imageUrl;
+        image.alt = `Preview ${data.index + 1} of the image being made`;
+        image.classList.add("partial");
+        image.hidden = false;
+        frame.classList.add("previewing");
+        break;
       case "stored":
         setPhase("Saving the image…");
         break;
@@ -330,7 +341,8 @@
   }
 
   function finish(outcome, body, previous, seconds) {
-    frame.classList.remove("waiting");
+    frame.classList.remove("waiting", "previewing");
+    image.classList.remove("partial");
     placeholder.hidden = true;
     bar.hidden = true;
     if (outcome.name === "result") {
