@@ -286,9 +286,12 @@ def _open_socket(connection: Any) -> socket.socket:
     raise NewConnectionError(connection, f"Failed to establish a new connection: {error}")
 
 
-class _Connection(urllib3.connection.HTTPConnection):
+class _Watched(urllib3.connection.HTTPConnection):
+    """What the plain and the TLS connection share: the socket opened by `_open_socket`, and
+    each request put under the current deadline's watchdog."""
+
     def _new_conn(self) -> socket.socket:
-        return _open_socket(self)
+        return _open_socket(self)  # over TLS, the layer on top still checks the certificate for the name
 
     def connect(self) -> None:
         super().connect()
@@ -303,21 +306,12 @@ class _Connection(urllib3.connection.HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _TlsConnection(urllib3.connection.HTTPSConnection):
-    def _new_conn(self) -> socket.socket:
-        return _open_socket(self)  # the TLS layer on top still checks the certificate for the name
+class _Connection(_Watched):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        # http.client lets go of `sock` when an answer ends by close (the answer reads on);
-        # the watchdog keeps its own reference, to shut down what is really being read.
-        self.watched_sock = self.sock
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        scope = current_deadline()
-        if scope is not None:
-            scope.watch(self)
-        super().request(*args, **kwargs)
+class _TlsConnection(_Watched, urllib3.connection.HTTPSConnection):
+    pass
 
 
 class _Pool(urllib3.connectionpool.HTTPConnectionPool):
