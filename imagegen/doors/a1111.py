@@ -30,13 +30,13 @@ from typing import Any
 import flask
 import pybase64
 
-from imagegen.auth import Authenticator, client_ip
 from imagegen.catalog import Catalog
 from imagegen.domain import GenerationRequest
 from imagegen.errors import Cancelled, ImageGenError, InvalidRequest
-from imagegen.http import AccessLog, Endpoint, read_body, response
+from imagegen.doors.common import DoorParts, json_body
+from imagegen.http import Endpoint, response
 from imagegen.record import RequestRecord
-from imagegen.service import Admission, GenerationService, Produced
+from imagegen.service import Admission, Produced
 from imagegen.streaming import NEVER_GONE, disconnect_probe
 from imagegen import streaming
 from imagegen.validation import (
@@ -48,7 +48,6 @@ from imagegen.validation import (
     MIN_SIDE,
     MIN_STEPS,
     SIDE_STEP,
-    check_content_type,
     invalid_field,
     is_whole,
     json_object,
@@ -442,23 +441,8 @@ class RememberedCheckpoints:
 
 
 class A1111Api:
-    def __init__(
-        self,
-        service: GenerationService,
-        authenticator: Authenticator,
-        catalog: Catalog,
-        access_log: AccessLog,
-        *,
-        max_prompt_chars: int,
-        trusted_proxy_hops: int,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._service = service
-        self._authenticator = authenticator
-        self._catalog = catalog
-        self._log = access_log
-        self._max_prompt_chars = max_prompt_chars
-        self._hops = trusted_proxy_hops
+    def __init__(self, parts: DoorParts, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._parts = parts
         self.in_flight = InFlight(clock)
         self.checkpoints = RememberedCheckpoints()
 
@@ -488,11 +472,11 @@ class A1111Api:
 
     def sd_models(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         self._caller(request, record)
-        return _json(sd_models(self._catalog))
+        return _json(sd_models(self._parts.catalog))
 
     def get_options(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         caller = self._caller(request, record)
-        checkpoint = self.checkpoints.get(caller) or default_checkpoint(self._catalog)
+        checkpoint = self.checkpoints.get(caller) or default_checkpoint(self._parts.catalog)
         return _json(
             {
                 "sd_model_checkpoint": checkpoint,
@@ -506,14 +490,13 @@ class A1111Api:
         this instance (the next txt2img without override_settings uses it). The rest is named
         in X-Imagegen-Ignored; nothing is global."""
         caller = self._caller(request, record)
-        check_content_type(request.headers.get("Content-Type"))
-        options = json_object(read_body(request))
+        options = json_object(json_body(request))
         reject_lone_surrogates(options)
         checkpoint = options.get("sd_model_checkpoint")
         if checkpoint is not None:
             if not isinstance(checkpoint, str) or not checkpoint.strip():
                 raise invalid_field("sd_model_checkpoint", "a model name string", checkpoint)
-            resolve_checkpoint(checkpoint, self._catalog)  # a 400 naming the models if not offered
+            resolve_checkpoint(checkpoint, self._parts.catalog)  # a 400 naming the models if not offered
             self.checkpoints.set(caller, checkpoint)
         ignored = [name for name in options if name != "sd_model_checkpoint"]
         return _json(None, {IGNORED_HEADER: ignored_header(ignored)} if ignored else {})
@@ -532,11 +515,9 @@ class A1111Api:
         )
 
     def _caller(self, request: flask.Request, record: RequestRecord) -> str:
-        ip = client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, self._hops)
-        caller = self._authenticator.authenticate(request.headers, ip)
-        record.fields["caller"] = caller.key
+        caller = self._parts.caller(request, record)
         record.fields["door"] = "a1111"
-        return caller.key
+        return caller
 
     def progress(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         """This caller's txt2img requests in flight on this instance, from the progress events
@@ -555,8 +536,7 @@ class A1111Api:
     def txt2img(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         caller = self._caller(request, record)
         with record.phase("validate"):
-            check_content_type(request.headers.get("Content-Type"))
-            asked = parse_txt2img(read_body(request), self._catalog, self._max_prompt_chars, self.checkpoints.get(caller))
+            asked = parse_txt2img(json_body(request), self._parts.catalog, self._parts.max_prompt_chars, self.checkpoints.get(caller))
         admissions = self._admit_all(asked, caller, record)
         job = self.in_flight.start(caller, len(admissions))
         try:
@@ -587,11 +567,11 @@ class A1111Api:
                 # Each image its own record: its attempts and timings stay its own; the request's
                 # log line takes the first image's fields.
                 own = record if index == 0 else _child(record)
-                admissions.append(self._service.admit(generation, caller, own))
+                admissions.append(self._parts.service.admit(generation, caller, own))
                 record.headers.update(own.headers)  # the latest RateLimit headers win
         except ImageGenError:
             for admission in admissions:
-                self._service.release(admission)
+                self._parts.service.release(admission)
             raise
         return admissions
 
@@ -617,11 +597,11 @@ class A1111Api:
                     job.steps[index] = (int(fields.get("step", 0)), int(fields.get("steps", 0)))
 
             try:
-                produced = self._service.produce(admissions[index], progress, job.cancelled)
+                produced = self._parts.service.produce(admissions[index], progress, job.cancelled)
             except ImageGenError as error:
                 return error
             except Exception:
-                return self._log.unexpected("POST", "txt2img", admissions[index].record)
+                return self._parts.access_log.unexpected("POST", "txt2img", admissions[index].record)
             job.done.add(index)
             return produced
 

@@ -28,15 +28,15 @@ from urllib.parse import quote
 
 import flask
 
-from imagegen.auth import Authenticator, client_ip
 from imagegen.doors.image_files import ImageFile, base64_pieces, in_format
 from imagegen.catalog import Catalog
 from imagegen.domain import GenerationRequest
 from imagegen.errors import ContentRejected, ImageGenError, InvalidRequest, UpstreamError
-from imagegen.http import AccessLog, Endpoint, note_error, read_body, response
+from imagegen.doors.common import DoorParts, json_body
+from imagegen.http import Endpoint, note_error, response
 from imagegen.record import RequestRecord
 from imagegen.png_info import PngParts
-from imagegen.service import Admission, GenerationService, Produced
+from imagegen.service import Admission, Produced
 from imagegen.storage import ImageMetadata, ImageStore
 from imagegen.streaming import EVENT_STREAM, disconnect_probe
 from imagegen.validation import (
@@ -48,7 +48,6 @@ from imagegen.validation import (
     MIN_SIDE,
     MIN_STEPS,
     SIDE_STEP,
-    check_content_type,
     invalid_field,
     json_object,
     read_integer,
@@ -123,26 +122,11 @@ class Batch:
 
 class OpenAiImages:
     def __init__(
-        self,
-        service: GenerationService,
-        authenticator: Authenticator,
-        catalog: Catalog,
-        store: ImageStore,
-        image_urls: ImageUrls,
-        access_log: AccessLog,
-        *,
-        max_prompt_chars: int,
-        trusted_proxy_hops: int,
-        clock: Callable[[], float] = time.time,
+        self, parts: DoorParts, store: ImageStore, image_urls: ImageUrls, *, clock: Callable[[], float] = time.time
     ) -> None:
-        self._service = service
+        self._parts = parts
         self._store = store
         self._image_urls = image_urls
-        self._log = access_log
-        self._authenticator = authenticator
-        self._catalog = catalog
-        self._max_prompt_chars = max_prompt_chars
-        self._hops = trusted_proxy_hops
         self._clock = clock
 
     def suffix_routes(self) -> dict[str, tuple[Endpoint, ...]]:
@@ -157,23 +141,16 @@ class OpenAiImages:
             ),
         }  # fmt: skip
 
-    def _authenticate(self, request: flask.Request, record: RequestRecord) -> str:
-        ip = client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, self._hops)
-        caller = self._authenticator.authenticate(request.headers, ip)
-        record.fields["caller"] = caller.key
-        return caller.key
-
     def models(self, request: flask.Request, record: RequestRecord) -> flask.Response:
-        self._authenticate(request, record)
-        body = json.dumps({"object": "list", "data": model_list(self._catalog)}).encode()
+        self._parts.caller(request, record)
+        body = json.dumps({"object": "list", "data": model_list(self._parts.catalog)}).encode()
         return response(200, body, {"Content-Type": "application/json"})
 
     def generate(self, request: flask.Request, record: RequestRecord) -> flask.Response:
-        caller = self._authenticate(request, record)
+        caller = self._parts.caller(request, record)
         record.fields["door"] = "openai"
         with record.phase("validate"):
-            check_content_type(request.headers.get("Content-Type"))
-            asked = parse_images_request(read_body(request), self._catalog, self._max_prompt_chars)
+            asked = parse_images_request(json_body(request), self._parts.catalog, self._parts.max_prompt_chars)
         admissions = self._admit_all(asked, caller, record)
         if asked.stream:
             return self._stream(request, record, asked, admissions)
@@ -198,7 +175,7 @@ class OpenAiImages:
     ) -> flask.Response:
         from imagegen.doors.openai_stream import Completed, ImagesStream
 
-        facts = self._log.facts(request)
+        facts = self._parts.access_log.facts(request)
         record.fields["stream"] = True
         base_url = self._base_url(request)  # read here: the stream outlives the request's context
 
@@ -227,9 +204,9 @@ class OpenAiImages:
             if status == 499:
                 record.fields["code"] = "cancelled"
                 record.fields["clientClosed"] = True
-            self._log.write(lambda: facts, status, sent, record)
+            self._parts.access_log.write(lambda: facts, status, sent, record)
 
-        stream = ImagesStream(self._service, admissions, asked.partial_images, finish, error_object,
+        stream = ImagesStream(self._parts.service, admissions, asked.partial_images, finish, error_object,
                               disconnect_probe(request.environ), finished)  # fmt: skip
         headers = {"Content-Type": EVENT_STREAM, "X-Accel-Buffering": "no"}
         if asked.ignored:
@@ -251,10 +228,10 @@ class OpenAiImages:
         admissions: list[Admission] = []
         try:
             for index in range(asked.n):
-                admissions.append(self._service.admit(image_generation(asked.generation, index), caller, record))
+                admissions.append(self._parts.service.admit(image_generation(asked.generation, index), caller, record))
         except BaseException:
             for admission in admissions:
-                self._service.release(admission)
+                self._parts.service.release(admission)
             raise
         return admissions
 
@@ -264,7 +241,7 @@ class OpenAiImages:
 
         def make(admission: Admission) -> Produced | ImageGenError:
             try:
-                return produce_watching(self._service, admission, client_gone)
+                return produce_watching(self._parts.service, admission, client_gone)
             except ImageGenError as error:
                 return error
 
@@ -311,7 +288,7 @@ class OpenAiImages:
         itself answer under the same prefix as the door."""
         scheme = request.scheme
         forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-        if self._hops and forwarded in ("http", "https"):
+        if self._parts.trusted_proxy_hops and forwarded in ("http", "https"):
             scheme = forwarded
         return f"{scheme}://{request.host}{request.path[: -len(GENERATIONS_SUFFIX)]}"
 
