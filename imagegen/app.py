@@ -28,6 +28,7 @@ from imagegen.catalog import catalog_of
 from imagegen.config import Settings, load_settings
 from imagegen.dispatch import Dispatcher
 from imagegen.doors.a1111 import A1111Api
+from imagegen.doors.common import DoorParts
 from imagegen.doors.documents import json_document_endpoint, openapi_endpoint, page_endpoint
 from imagegen.doors.json_api import JsonApi
 from imagegen.doors.image_files import FILES_SUFFIX, image_url_maker
@@ -94,14 +95,10 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
     catalog = catalog_of(dispatcher.backends)
     access_log = AccessLog(logger, settings.trusted_proxy_hops, settings.gcp_project)
     authenticator = parts.authenticator or make_authenticator(settings, new_session(pool_size=4))
-    api = JsonApi(
-        service,
-        authenticator,
-        catalog,
-        access_log,
-        max_prompt_chars=settings.max_prompt_chars,
-        trusted_proxy_hops=settings.trusted_proxy_hops,
+    door_parts = DoorParts(
+        service, authenticator, catalog, access_log, settings.max_prompt_chars, settings.trusted_proxy_hops
     )
+    api = JsonApi(door_parts)
     capabilities = json.dumps(capabilities_document(settings, dispatcher.backends, catalog), ensure_ascii=False).encode()
     generate = api.endpoint()
     endpoints: dict[str, tuple[Endpoint, ...]] = {
@@ -113,30 +110,11 @@ def build_handler(settings: Settings, parts: Parts = Parts()) -> Handler:
         endpoints["/"] = (generate, page_endpoint("/", page))
         endpoints["/index.html"] = (page_endpoint("/index.html", page),)
     # AUTOMATIC1111's API (/sdapi/v1/*) under any prefix, for the tools that speak it.
-    a1111 = A1111Api(
-        service,
-        authenticator,
-        catalog,
-        access_log,
-        max_prompt_chars=settings.max_prompt_chars,
-        trusted_proxy_hops=settings.trusted_proxy_hops,
-        clock=timing.clock,
-    )
+    a1111 = A1111Api(door_parts, clock=timing.clock)
     suffixes: dict[str, tuple[Endpoint, ...]] = {}
     # The Images API door (issue #20): its routes answer under any prefix.
     image_urls, file_endpoint = image_url_maker(settings, store)
-    suffixes.update(
-        OpenAiImages(
-            service,
-            authenticator,
-            catalog,
-            store,
-            image_urls,
-            access_log,
-            max_prompt_chars=settings.max_prompt_chars,
-            trusted_proxy_hops=settings.trusted_proxy_hops,
-        ).suffix_routes()
-    )
+    suffixes.update(OpenAiImages(door_parts, store, image_urls).suffix_routes())
     if file_endpoint is not None:
         suffixes[FILES_SUFFIX] = (file_endpoint,)
     suffixes.update(a1111.suffix_routes())

@@ -286,9 +286,12 @@ def _open_socket(connection: Any) -> socket.socket:
     raise NewConnectionError(connection, f"Failed to establish a new connection: {error}")
 
 
-class _Connection(urllib3.connection.HTTPConnection):
+class _Watched(urllib3.connection.HTTPConnection):
+    """What the plain and the TLS connection share: the socket opened by `_open_socket`, and
+    each request put under the current deadline's watchdog."""
+
     def _new_conn(self) -> socket.socket:
-        return _open_socket(self)
+        return _open_socket(self)  # over TLS, the layer on top still checks the certificate for the name
 
     def connect(self) -> None:
         super().connect()
@@ -303,21 +306,27 @@ class _Connection(urllib3.connection.HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _TlsConnection(urllib3.connection.HTTPSConnection):
-    def _new_conn(self) -> socket.socket:
-        return _open_socket(self)  # the TLS layer on top still checks the certificate for the name
+class _Connection(_Watched):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        # http.client lets go of `sock` when an answer ends by close (the answer reads on);
-        # the watchdog keeps its own reference, to shut down what is really being read.
-        self.watched_sock = self.sock
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        scope = current_deadline()
-        if scope is not None:
-            scope.watch(self)
-        super().request(*args, **kwargs)
+class _TlsConnection(_Watched, urllib3.connection.HTTPSConnection):
+    pass
+
+
+# What reading an answer may raise (timeouts included: requests.Timeout, urllib3's and the
+# socket's are subclasses of these).
+READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
+def _read_failure(error: BaseException, scope: Deadline | None) -> OutboundFailure:
+    """What a failed read of an answer means, for the whole body's read and an event stream's:
+    a timeout (the read's own, or the watchdog's that shut the socket), or a broken connection."""
+    if isinstance(error, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
+        return OutboundFailure("timeout")
+    if scope is not None and scope.expired:
+        return OutboundFailure("timeout")
+    return OutboundFailure("broken", type(error).__name__)
 
 
 class _Pool(urllib3.connectionpool.HTTPConnectionPool):
@@ -475,12 +484,8 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
             size += len(piece)
             if scope is not None and (scope.expired or scope.left() <= 0):
                 raise OutboundFailure("timeout")
-    except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
-        raise OutboundFailure("timeout") from None
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
-        if scope is not None and scope.expired:
-            raise OutboundFailure("timeout") from None
-        raise OutboundFailure("broken", type(error).__name__) from None
+    except READ_ERRORS as error:
+        raise _read_failure(error, scope) from None
     if scope is not None and scope.expired:
         raise OutboundFailure("timeout")  # the watchdog ended the read: what came is not all
     if size > limit:
@@ -590,12 +595,8 @@ def read_events(response: requests.Response, on_event: Callable[[ServerEvent], N
             piece = response.raw.read1(READ_BYTES, decode_content=False)
             if piece and decoder is not None:
                 piece = decoder.feed(piece, limit - size)
-        except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError):
-            raise OutboundFailure("timeout") from None
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as error:
-            if scope is not None and scope.expired:
-                raise OutboundFailure("timeout") from None
-            raise OutboundFailure("broken", type(error).__name__) from None
+        except READ_ERRORS as error:
+            raise _read_failure(error, scope) from None
         if scope is not None and scope.expired:
             raise OutboundFailure("timeout")  # the watchdog ended the read: what came is not all
         if not piece:

@@ -9,6 +9,7 @@ import difflib
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from imagegen.catalog import Catalog
@@ -48,6 +49,33 @@ def check_content_type(content_type: str | None) -> None:
 
 def parse_generation_request(body: bytes, catalog: Catalog, max_prompt_chars: int) -> GenerationRequest:
     """Parse and check a JSON body; every error names the field and what was expected."""
+    data = json_object(body)
+    reject_lone_surrogates(data)
+    _reject_unknown_fields(data)
+    prompt = require_prompt(data, max_prompt_chars)
+    backend, model, provider = _route_fields(data, catalog)
+    return GenerationRequest(
+        prompt=prompt,
+        backend=backend,
+        model=model,
+        provider=provider,
+        negative_prompt=read_text(data, "negativePrompt", max_prompt_chars) or None,
+        width=_side(data, "width"),
+        height=_side(data, "height"),
+        steps=read_integer(data, "steps", MIN_STEPS, MAX_STEPS),
+        guidance_scale=read_number(data, "guidanceScale", MIN_GUIDANCE, MAX_GUIDANCE),
+        seed=read_integer(data, "seed", 0, MAX_SEED),
+        partial_images=read_integer(data, "partialImages", 0, MAX_PARTIAL_IMAGES) or 0,
+    )
+
+
+# --- field readers: the JSON API's and the doors' (imagegen.doors), in one wording ------------
+# Each takes the request's object and a field name, answers the value (None or "" when absent)
+# and raises InvalidRequest naming the field and what was expected.
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
@@ -58,36 +86,15 @@ def parse_generation_request(body: bytes, catalog: Catalog, max_prompt_chars: in
             'The request body must be a JSON object such as {"prompt": "a red fox"}.',
             code="invalid_body",
         )
-    _reject_lone_surrogates(data)
-    _reject_unknown_fields(data)
-
-    prompt = data.get("prompt")
-    if prompt is None:
-        raise InvalidRequest('The field "prompt" is required.', code="missing_field", field="prompt")
-    prompt = _text(data, "prompt", max_prompt_chars)
-    if not prompt:
-        raise InvalidRequest('The field "prompt" must not be empty.', code="invalid_field", field="prompt")
-
-    backend, model, provider = _route_fields(data, catalog)
-    return GenerationRequest(
-        prompt=prompt,
-        backend=backend,
-        model=model,
-        provider=provider,
-        negative_prompt=_text(data, "negativePrompt", max_prompt_chars) or None,
-        width=_side(data, "width"),
-        height=_side(data, "height"),
-        steps=_integer(data, "steps", MIN_STEPS, MAX_STEPS),
-        guidance_scale=_guidance(data),
-        seed=_integer(data, "seed", 0, MAX_SEED),
-        partial_images=_integer(data, "partialImages", 0, MAX_PARTIAL_IMAGES) or 0,
-    )
+    return data
 
 
-def _reject_lone_surrogates(data: dict[str, Any]) -> None:
+def reject_lone_surrogates(data: Mapping[str, Any]) -> None:
     """JSON may spell half a UTF-16 pair ("\\ud800", or raw bytes ED A0 80) and Python's json
     takes it, but no UTF-8 text holds one: not the answer, not a log line, not the PNG's text
-    chunk. Refused here, before anything is spent on the request."""
+    chunk. Refused here, before anything is spent on the request: in field names, in text and
+    anywhere inside a nested value (AUTOMATIC1111's override_settings, or a list sent where
+    text belongs, which an error message would echo)."""
     for name, value in data.items():
         if not _is_unicode(name):
             shown = _escaped(name)[:64]
@@ -96,7 +103,7 @@ def _reject_lone_surrogates(data: dict[str, Any]) -> None:
                 code="invalid_field",
                 field=shown,
             )
-        if isinstance(value, str) and not _is_unicode(value):
+        if not _holds_unicode(value):
             raise InvalidRequest(
                 f'The field "{name}" must be valid Unicode text: it holds a lone UTF-16 surrogate '
                 f"(such as \\ud800) that is not part of a pair.",
@@ -110,6 +117,14 @@ def _is_unicode(text: str) -> bool:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
+    return True
+
+
+def _holds_unicode(value: Any) -> bool:
+    if isinstance(value, str):
+        return _is_unicode(value)
+    if isinstance(value, (dict, list)):
+        return _is_unicode(json.dumps(value, ensure_ascii=False))
     return True
 
 
@@ -141,7 +156,8 @@ def _closest_field(name: str) -> str | None:
     return matches[0] if matches else None
 
 
-def _invalid(name: str, expected: str, value: Any) -> InvalidRequest:
+def invalid_field(name: str, expected: str, value: Any) -> InvalidRequest:
+    """The error for a field that holds the wrong thing, the value shown (ASCII, shortened)."""
     shown = json.dumps(value)
     if len(shown) > 40:
         shown = shown[:37] + "..."
@@ -150,7 +166,7 @@ def _invalid(name: str, expected: str, value: Any) -> InvalidRequest:
     )
 
 
-def _is_integer(value: Any) -> bool:
+def is_whole(value: Any) -> bool:
     # JSON true/false arrive as bool, which Python counts as int. Whole numbers written as
     # floats (61.0, 7e2: Python, JavaScript's JSON.stringify of a computed value, some encoders)
     # are integers too; 61.5, NaN and Infinity are not.
@@ -159,12 +175,13 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
-def _text(data: dict[str, Any], name: str, max_chars: int) -> str:
+def read_text(data: Mapping[str, Any], name: str, max_chars: int) -> str:
+    """Text without NUL characters of at most `max_chars`, stripped; "" when absent."""
     value = data.get(name)
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise _invalid(name, "a string", value)
+        raise invalid_field(name, "a string", value)
     if len(value) > max_chars:
         raise InvalidRequest(
             f'The field "{name}" is too long: {len(value)} characters, at most {max_chars}.',
@@ -172,40 +189,46 @@ def _text(data: dict[str, Any], name: str, max_chars: int) -> str:
             field=name,
         )
     if "\x00" in value:
-        raise _invalid(name, "text without NUL characters", value)
+        raise invalid_field(name, "text without NUL characters", value)
     return value.strip()
 
 
-def _integer(data: dict[str, Any], name: str, low: int, high: int) -> int | None:
+def require_prompt(data: Mapping[str, Any], max_chars: int) -> str:
+    """The prompt, which must be there and not blank."""
+    if data.get("prompt") is None:
+        raise InvalidRequest('The field "prompt" is required.', code="missing_field", field="prompt")
+    prompt = read_text(data, "prompt", max_chars)
+    if not prompt:
+        raise InvalidRequest('The field "prompt" must not be empty.', code="invalid_field", field="prompt")
+    return prompt
+
+
+def read_integer(data: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
     value = data.get(name)
     if value is None:
         return None
-    if not _is_integer(value) or not low <= value <= high:
-        raise _invalid(name, f"an integer from {low} to {high}", value)
+    if not is_whole(value) or not low <= value <= high:
+        raise invalid_field(name, f"an integer from {low} to {high}", value)
     return int(value)
+
+
+def read_number(data: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+    """A finite number from `low` to `high` (true and false are not numbers here)."""
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise invalid_field(name, f"a number from {low:g} to {high:g}", value)
+    return float(value)
 
 
 def _side(data: dict[str, Any], name: str) -> int | None:
     value = data.get(name)
     if value is None:
         return None
-    if not _is_integer(value) or not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_STEP:
-        raise _invalid(name, f"an integer from {MIN_SIDE} to {MAX_SIDE} that is a multiple of {SIDE_STEP}", value)
+    if not is_whole(value) or not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_STEP:
+        raise invalid_field(name, f"an integer from {MIN_SIDE} to {MAX_SIDE} that is a multiple of {SIDE_STEP}", value)
     return int(value)
-
-
-def _guidance(data: dict[str, Any]) -> float | None:
-    value = data.get("guidanceScale")
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not MIN_GUIDANCE <= value <= MAX_GUIDANCE
-    ):
-        raise _invalid("guidanceScale", f"a number from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}", value)
-    return float(value)
 
 
 def _route_fields(data: dict[str, Any], catalog: Catalog) -> tuple[str | None, str | None, str | None]:
@@ -248,7 +271,7 @@ def _allowed_choice(data: dict[str, Any], name: str, allowed: tuple[str, ...], s
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _invalid(name, f"a {name} name string", value)
+        raise invalid_field(name, f"a {name} name string", value)
     if value not in allowed:
         raise InvalidRequest(
             f'The {name} "{_escaped(value[:100])}" is not allowed here. Allowed: {", ".join(allowed)} '

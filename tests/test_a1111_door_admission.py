@@ -9,6 +9,7 @@ import pytest
 
 from imagegen.catalog import Catalog, Offer
 from imagegen.doors.a1111 import A1111Api, Txt2Img, parse_txt2img
+from imagegen.doors.common import DoorParts
 from imagegen.domain import GenerationRequest
 from imagegen.errors import RateLimited
 from imagegen.record import RequestRecord
@@ -35,7 +36,7 @@ class CountingService:
 
 
 def door(service: CountingService) -> A1111Api:
-    return A1111Api(service, None, CATALOG, None, max_prompt_chars=1000, trusted_proxy_hops=0)  # type: ignore[arg-type]
+    return A1111Api(DoorParts(service, None, CATALOG, None, max_prompt_chars=1000, trusted_proxy_hops=0))  # type: ignore[arg-type]
 
 
 def record() -> RequestRecord:

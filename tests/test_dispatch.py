@@ -3,41 +3,13 @@ over and what does not."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 
-from imagegen.backends.base import Capabilities, GenerationContext
+from imagegen.backends.base import GenerationContext
 from imagegen.dispatch import Dispatcher
-from imagegen.domain import GeneratedImage, GenerationRequest, Route
+from imagegen.domain import GeneratedImage, GenerationRequest
 from imagegen.errors import ContentRejected, UpstreamError
-
-
-@dataclass
-class ScriptedBackend:
-    """A backend that answers each try with the next of `answers`: an error to raise, or a PNG."""
-
-    name: str
-    answers: list = field(default_factory=list)
-    default_model: str = "m"
-    allowed_models: tuple[str, ...] = ("m",)
-    tries: int = 0
-
-    def identity(self) -> str:
-        return self.name
-
-    def capabilities(self, model: str) -> Capabilities:
-        return Capabilities()
-
-    def routes(self, request, model, context) -> list[Route]:
-        return [Route(self.name, model)]
-
-    def generate(self, route, request, context) -> GeneratedImage:
-        self.tries += 1
-        answer = self.answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return GeneratedImage(png=answer, route=route, seed=1)
+from tests.scripted import ScriptedBackend
 
 
 def dispatch(dispatcher: Dispatcher, request: GenerationRequest) -> GeneratedImage:

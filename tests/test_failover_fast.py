@@ -10,64 +10,28 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from imagegen.backends.base import Capabilities, GenerationContext
+from imagegen.backends.base import GenerationContext
 from imagegen.dispatch import Dispatcher
-from imagegen.domain import Attempt, GeneratedImage, GenerationRequest, Route
-from imagegen.errors import UpstreamError, UpstreamTimeout
+from imagegen.domain import Attempt, GeneratedImage, GenerationRequest
+from imagegen.errors import UpstreamError
 from imagegen.route_health import PATIENT, FailoverPolicy, MemoryCircuits, RouteHealth
 from tests.fakes import FakeClock
+from tests.scripted import HANG, VENDOR_TIMEOUT_SECONDS, ScriptedBackend
 from tests.servers import wait_until
 
 REQUEST = GenerationRequest(prompt="p")
 REPO = Path(__file__).resolve().parent.parent
-HANG = "hang"  # a try that never answers: it runs until its context's deadline or the vendor timeout
-VENDOR_TIMEOUT_SECONDS = 120.0
 
 
 def unavailable(retry_after: float | None = None) -> UpstreamError:
     return UpstreamError(
         "503", code="upstream_unavailable", upstream_status=503, retry_after=retry_after, retryable=True, fail_over=True
     )
-
-
-@dataclass
-class Scripted:
-    """A backend whose tries answer from `answers` (the last one repeats): an error to raise,
-    HANG, or PNG bytes after `seconds` on the clock."""
-
-    name: str
-    clock: FakeClock
-    answers: list = field(default_factory=list)
-    seconds: float = 1.0
-    default_model: str = "m"
-    allowed_models: tuple[str, ...] = ("m",)
-    tries: int = 0
-
-    def identity(self) -> str:
-        return self.name
-
-    def capabilities(self, model: str) -> Capabilities:
-        return Capabilities()
-
-    def routes(self, request, model, context) -> list[Route]:
-        return [Route(self.name, model)]
-
-    def generate(self, route, request, context: GenerationContext) -> GeneratedImage:
-        self.tries += 1
-        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        if answer == HANG:
-            # As HttpExchange does: the try ends at min(TIMEOUT_SECONDS, what the context leaves).
-            self.clock.now += min(VENDOR_TIMEOUT_SECONDS, context.time_left())
-            raise UpstreamTimeout("no answer", retryable=True, fail_over=True)
-        if isinstance(answer, Exception):
-            raise answer
-        self.clock.now += self.seconds
-        return GeneratedImage(png=answer, route=route, seed=1)
 
 
 @dataclass
@@ -100,8 +64,8 @@ def warm(health: RouteHealth, route: str, seconds: float, count: int = 20) -> No
 
 
 def two(clock: FakeClock, first: list, second: list, policy: FailoverPolicy, max_retries: int = 3, circuits=None):
-    primary = Scripted("primary", clock, first)
-    fallback = Scripted("fallback", clock, second)
+    primary = ScriptedBackend("primary", clock=clock, answers=first)
+    fallback = ScriptedBackend("fallback", clock=clock, answers=second)
     health = RouteHealth(policy, circuits if circuits is not None else MemoryCircuits(lambda: clock.now))
     dispatcher = Dispatcher({"primary": primary, "fallback": fallback}, max_retries, health=health)
     return primary, fallback, health, dispatcher
@@ -190,7 +154,7 @@ def test_with_no_record_the_vendor_timeout_alone_applies(clock: FakeClock):
 
 def test_the_last_chance_is_never_cut(clock: FakeClock):
     """One route, no retry left: a slow image beats none."""
-    only = Scripted("only", clock, [b"png"], seconds=10.0)
+    only = ScriptedBackend("only", clock=clock, answers=[b"png"], seconds=10.0)
     health = RouteHealth(FailoverPolicy(), MemoryCircuits(lambda: clock.now))
     warm(health, "only", 1.0)
     result = run(Dispatcher({"only": only}, 0, health=health), clock)
@@ -198,7 +162,7 @@ def test_the_last_chance_is_never_cut(clock: FakeClock):
 
 
 def test_a_cut_try_on_the_only_route_is_retried_and_reported(clock: FakeClock):
-    only = Scripted("only", clock, [HANG, b"png"])
+    only = ScriptedBackend("only", clock=clock, answers=[HANG, b"png"])
     health = RouteHealth(FailoverPolicy(), MemoryCircuits(lambda: clock.now))
     warm(health, "only", 1.0)
     result = run(Dispatcher({"only": only}, 1, health=health), clock)
@@ -296,14 +260,16 @@ from imagegen.domain import GenerationRequest
 from imagegen.route_health import FailoverPolicy, RouteHealth
 from imagegen.state.base import RatePolicy
 from imagegen.state.redis import RedisState, connect
-from tests.test_failover_fast import Scripted, unavailable
+from tests.scripted import ScriptedBackend
+from tests.test_failover_fast import unavailable
 from tests.fakes import FakeClock
 from tests.servers import wait_until
 
 url, namespace = sys.argv[1:]
 state = RedisState(connect(url, timeout=2), RatePolicy(0, 1), failure="closed", namespace=namespace)
 clock = FakeClock()
-primary, fallback = Scripted("primary", clock, [unavailable()]), Scripted("fallback", clock, [b"png"])
+primary = ScriptedBackend("primary", clock=clock, answers=[unavailable()])
+fallback = ScriptedBackend("fallback", clock=clock, answers=[b"png"])
 health = RouteHealth(FailoverPolicy(circuit_failures=2, circuit_open_seconds=30), state)
 dispatcher = Dispatcher({"primary": primary, "fallback": fallback}, 0, health=health)
 request = GenerationRequest(prompt="p")

@@ -34,6 +34,7 @@ from imagegen.state import (
 )
 from imagegen.state.memory import MemoryState
 from imagegen.state.redis import CALL_TIMEOUT_SECONDS, RedisState, connect
+from tests.log_records import Records, recorded
 from tests.redis_server import RedisServer, SlowProxy, start_redis
 from tests.servers import REPO_ROOT, child_environment, spawn, stop_group
 
@@ -62,23 +63,10 @@ def namespace() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"{record.levelname} {record.getMessage()}")
-
-
 @pytest.fixture
 def records() -> Iterator[tuple[logging.Logger, Records]]:
-    logger = logging.getLogger(f"test-state-{uuid.uuid4().hex}")
-    logger.propagate = False
-    handler = Records()
-    logger.addHandler(handler)
-    yield logger, handler
-    logger.removeHandler(handler)
+    with recorded("test-state") as logger_and_lines:
+        yield logger_and_lines
 
 
 def redis_state(url: str, namespace: str, logger: logging.Logger | None = None, **options) -> RedisState:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,21 +30,13 @@ from imagegen.state.redis import RedisState, connect
 from imagegen.storage import LocalImageStore, is_valid_image_name
 from tests.conftest import TEST_TOKEN
 from tests.fake_router import FakeRouter, make_png
+from tests.log_records import Records, recorded
 from tests.redis_server import RedisServer, start_redis
 from tests.servers import Process, start_function
 
 LIMIT = 10
 PASSWORD = "truth-Redis-Password-never-shown"
 HOSTILE = "../../secret/creds"
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"{record.levelname} {record.getMessage()}")
 
 
 @pytest.fixture
@@ -57,13 +48,8 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def records() -> Iterator[tuple[logging.Logger, Records]]:
-    logger = logging.getLogger(f"test-state-truth-{uuid.uuid4().hex}")
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    handler = Records()
-    logger.addHandler(handler)
-    yield logger, handler
-    logger.removeHandler(handler)
+    with recorded("test-state-truth", logging.INFO) as logger_and_lines:
+        yield logger_and_lines
 
 
 def instance(url: str, logger: logging.Logger | None = None, **options) -> RedisState:

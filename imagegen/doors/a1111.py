@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import threading
 import time
@@ -31,13 +30,13 @@ from typing import Any
 import flask
 import pybase64
 
-from imagegen.auth import Authenticator, client_ip
 from imagegen.catalog import Catalog
 from imagegen.domain import GenerationRequest
 from imagegen.errors import Cancelled, ImageGenError, InvalidRequest
-from imagegen.http import AccessLog, Endpoint, read_body, response
+from imagegen.doors.common import DoorParts, json_body
+from imagegen.http import Endpoint, response
 from imagegen.record import RequestRecord
-from imagegen.service import Admission, GenerationService, Produced
+from imagegen.service import Admission, Produced
 from imagegen.streaming import NEVER_GONE, disconnect_probe
 from imagegen import streaming
 from imagegen.validation import (
@@ -49,7 +48,13 @@ from imagegen.validation import (
     MIN_SIDE,
     MIN_STEPS,
     SIDE_STEP,
-    check_content_type,
+    invalid_field,
+    is_whole,
+    json_object,
+    read_integer,
+    read_number,
+    read_text,
+    reject_lone_surrogates,
 )
 
 PREFIX = "/sdapi/v1"
@@ -162,8 +167,11 @@ class Txt2Img:
 def parse_txt2img(
     body: bytes, catalog: Catalog, max_prompt_chars: int, remembered_checkpoint: str | None = None
 ) -> Txt2Img:
-    data = _json_object(body)
-    prompt = _text(data, "prompt", max_prompt_chars)
+    data = json_object(body)
+    reject_lone_surrogates(data)
+    # Unlike the JSON API, this door has always answered an empty prompt as a missing one
+    # (code missing_field): kept, as error codes are a contract.
+    prompt = read_text(data, "prompt", max_prompt_chars)
     if not prompt:
         raise InvalidRequest('The field "prompt" is required and must not be empty.', code="missing_field", field="prompt")
     ignored = [name for name in data if name not in USED_FIELDS and name not in HONOURED_BY_NATURE]
@@ -171,16 +179,16 @@ def parse_txt2img(
     if overrides is None:
         overrides = {}
     if not isinstance(overrides, dict):
-        raise _invalid("override_settings", "an object", overrides)
+        raise invalid_field("override_settings", "an object", overrides)
     ignored += [f"override_settings.{name}" for name in overrides if name != "sd_model_checkpoint"]
     checkpoint = overrides.get("sd_model_checkpoint")
     if checkpoint is not None and not isinstance(checkpoint, str):
-        raise _invalid("override_settings.sd_model_checkpoint", "a model name string", checkpoint)
+        raise invalid_field("override_settings.sd_model_checkpoint", "a model name string", checkpoint)
     checkpoint = checkpoint or remembered_checkpoint
     backend, model = resolve_checkpoint(checkpoint, catalog) if checkpoint else (None, None)
-    seed = _integer(data, "seed", -1, MAX_SEED)
-    batch_size = _integer(data, "batch_size", 1, MAX_IMAGES) or 1
-    n_iter = _integer(data, "n_iter", 1, MAX_IMAGES) or 1
+    seed = read_integer(data, "seed", -1, MAX_SEED)
+    batch_size = read_integer(data, "batch_size", 1, MAX_IMAGES) or 1
+    n_iter = read_integer(data, "n_iter", 1, MAX_IMAGES) or 1
     if batch_size * n_iter > MAX_IMAGES:
         raise InvalidRequest(
             f"batch_size x n_iter is {batch_size * n_iter}: at most {MAX_IMAGES} images a request.",
@@ -194,11 +202,11 @@ def parse_txt2img(
         prompt=prompt,
         backend=backend,
         model=model,
-        negative_prompt=_text(data, "negative_prompt", max_prompt_chars) or None,
+        negative_prompt=read_text(data, "negative_prompt", max_prompt_chars) or None,
         width=_side(data, "width"),
         height=_side(data, "height"),
-        steps=_integer(data, "steps", MIN_STEPS, MAX_STEPS),
-        guidance_scale=_guidance(data),
+        steps=read_integer(data, "steps", MIN_STEPS, MAX_STEPS),
+        guidance_scale=read_number(data, "cfg_scale", MIN_GUIDANCE, MAX_GUIDANCE),
         seed=None if seed in (None, -1) else seed,
         scheduler=ours,
     )
@@ -256,80 +264,24 @@ def resolve_checkpoint(value: str, catalog: Catalog) -> tuple[str | None, str]:
     )
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest('The request body must be a JSON object such as {"prompt": "a red fox"}.', code="invalid_body")
-    try:  # lone surrogates: no text can hold them (the answer, the log line, the PNG chunk)
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidRequest("The request holds a lone UTF-16 surrogate, which is not valid Unicode text.") from None
-    return data
-
-
-def _invalid(name: str, expected: str, value: Any) -> InvalidRequest:
-    shown = json.dumps(value)
-    if len(shown) > 40:
-        shown = shown[:37] + "..."
-    return InvalidRequest(f'The field "{name}" must be {expected} (got {shown}).', field=name)
-
-
-def _text(data: Mapping[str, Any], name: str, max_chars: int) -> str:
-    value = data.get(name)
-    if value is None:
-        return ""
-    if not isinstance(value, str) or "\x00" in value:
-        raise _invalid(name, "a string without NUL characters", value)
-    if len(value) > max_chars:
-        raise InvalidRequest(f'The field "{name}" is too long: {len(value)} characters, at most {max_chars}.', field=name)
-    return value.strip()
-
-
 def _name(data: Mapping[str, Any], name: str) -> str | None:
     value = data.get(name)
     if value is None or value == "":
         return None
     if not isinstance(value, str) or len(value) > 64:
-        raise _invalid(name, "a name of at most 64 characters", value)
+        raise invalid_field(name, "a name of at most 64 characters", value)
     return value.strip() or None
 
 
-def _is_whole(value: Any) -> bool:
-    return not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
-
-
-def _integer(data: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    if not _is_whole(value) or not low <= value <= high:
-        raise _invalid(name, f"an integer from {low} to {high}", value)
-    return int(value)
-
-
 def _side(data: Mapping[str, Any], name: str) -> int | None:
-    """A side in pixels. AUTOMATIC1111 makes latents of side // 8, so a side that is not a
-    multiple of 8 is rounded down to one, as there."""
+    """A side in pixels. Unlike the JSON API, which refuses it: AUTOMATIC1111 makes latents of
+    side // 8, so a side that is not a multiple of 8 is rounded down to one, as there."""
     value = data.get(name)
     if value is None:
         return None
-    if not _is_whole(value) or not MIN_SIDE <= value <= MAX_SIDE:
-        raise _invalid(name, f"an integer from {MIN_SIDE} to {MAX_SIDE}", value)
+    if not is_whole(value) or not MIN_SIDE <= value <= MAX_SIDE:
+        raise invalid_field(name, f"an integer from {MIN_SIDE} to {MAX_SIDE}", value)
     return int(value) - int(value) % SIDE_STEP
-
-
-def _guidance(data: Mapping[str, Any]) -> float | None:
-    value = data.get("cfg_scale")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _invalid("cfg_scale", f"a number from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}", value)
-    if not MIN_GUIDANCE <= value <= MAX_GUIDANCE:
-        raise _invalid("cfg_scale", f"a number from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}", value)
-    return float(value)
 
 
 # --- the catalog in AUTOMATIC1111's words ---------------------------------------------------
@@ -489,23 +441,8 @@ class RememberedCheckpoints:
 
 
 class A1111Api:
-    def __init__(
-        self,
-        service: GenerationService,
-        authenticator: Authenticator,
-        catalog: Catalog,
-        access_log: AccessLog,
-        *,
-        max_prompt_chars: int,
-        trusted_proxy_hops: int,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._service = service
-        self._authenticator = authenticator
-        self._catalog = catalog
-        self._log = access_log
-        self._max_prompt_chars = max_prompt_chars
-        self._hops = trusted_proxy_hops
+    def __init__(self, parts: DoorParts, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._parts = parts
         self.in_flight = InFlight(clock)
         self.checkpoints = RememberedCheckpoints()
 
@@ -535,11 +472,11 @@ class A1111Api:
 
     def sd_models(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         self._caller(request, record)
-        return _json(sd_models(self._catalog))
+        return _json(sd_models(self._parts.catalog))
 
     def get_options(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         caller = self._caller(request, record)
-        checkpoint = self.checkpoints.get(caller) or default_checkpoint(self._catalog)
+        checkpoint = self.checkpoints.get(caller) or default_checkpoint(self._parts.catalog)
         return _json(
             {
                 "sd_model_checkpoint": checkpoint,
@@ -553,13 +490,13 @@ class A1111Api:
         this instance (the next txt2img without override_settings uses it). The rest is named
         in X-Imagegen-Ignored; nothing is global."""
         caller = self._caller(request, record)
-        check_content_type(request.headers.get("Content-Type"))
-        options = _json_object(read_body(request))
+        options = json_object(json_body(request))
+        reject_lone_surrogates(options)
         checkpoint = options.get("sd_model_checkpoint")
         if checkpoint is not None:
             if not isinstance(checkpoint, str) or not checkpoint.strip():
-                raise _invalid("sd_model_checkpoint", "a model name string", checkpoint)
-            resolve_checkpoint(checkpoint, self._catalog)  # a 400 naming the models if not offered
+                raise invalid_field("sd_model_checkpoint", "a model name string", checkpoint)
+            resolve_checkpoint(checkpoint, self._parts.catalog)  # a 400 naming the models if not offered
             self.checkpoints.set(caller, checkpoint)
         ignored = [name for name in options if name != "sd_model_checkpoint"]
         return _json(None, {IGNORED_HEADER: ignored_header(ignored)} if ignored else {})
@@ -578,11 +515,9 @@ class A1111Api:
         )
 
     def _caller(self, request: flask.Request, record: RequestRecord) -> str:
-        ip = client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, self._hops)
-        caller = self._authenticator.authenticate(request.headers, ip)
-        record.fields["caller"] = caller.key
+        caller = self._parts.caller(request, record)
         record.fields["door"] = "a1111"
-        return caller.key
+        return caller
 
     def progress(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         """This caller's txt2img requests in flight on this instance, from the progress events
@@ -601,8 +536,7 @@ class A1111Api:
     def txt2img(self, request: flask.Request, record: RequestRecord) -> flask.Response:
         caller = self._caller(request, record)
         with record.phase("validate"):
-            check_content_type(request.headers.get("Content-Type"))
-            asked = parse_txt2img(read_body(request), self._catalog, self._max_prompt_chars, self.checkpoints.get(caller))
+            asked = parse_txt2img(json_body(request), self._parts.catalog, self._parts.max_prompt_chars, self.checkpoints.get(caller))
         admissions = self._admit_all(asked, caller, record)
         job = self.in_flight.start(caller, len(admissions))
         try:
@@ -633,11 +567,11 @@ class A1111Api:
                 # Each image its own record: its attempts and timings stay its own; the request's
                 # log line takes the first image's fields.
                 own = record if index == 0 else _child(record)
-                admissions.append(self._service.admit(generation, caller, own))
+                admissions.append(self._parts.service.admit(generation, caller, own))
                 record.headers.update(own.headers)  # the latest RateLimit headers win
         except ImageGenError:
             for admission in admissions:
-                self._service.release(admission)
+                self._parts.service.release(admission)
             raise
         return admissions
 
@@ -663,11 +597,11 @@ class A1111Api:
                     job.steps[index] = (int(fields.get("step", 0)), int(fields.get("steps", 0)))
 
             try:
-                produced = self._service.produce(admissions[index], progress, job.cancelled)
+                produced = self._parts.service.produce(admissions[index], progress, job.cancelled)
             except ImageGenError as error:
                 return error
             except Exception:
-                return self._log.unexpected("POST", "txt2img", admissions[index].record)
+                return self._parts.access_log.unexpected("POST", "txt2img", admissions[index].record)
             job.done.add(index)
             return produced
 

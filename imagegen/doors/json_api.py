@@ -12,11 +12,10 @@ from typing import Any
 import flask
 import pybase64
 
-from imagegen.auth import Authenticator, client_ip
-from imagegen.catalog import Catalog
 from imagegen.errors import Cancelled, ImageGenError
 from imagegen.events import ProgressSink
-from imagegen.http import AccessLog, Endpoint, error_payload, note_error, read_body, response
+from imagegen.doors.common import DoorParts, json_body
+from imagegen.http import Endpoint, error_payload, note_error, response
 from imagegen.record import RequestRecord
 from imagegen.service import Admission, GenerationService, Produced
 from imagegen import streaming
@@ -29,7 +28,7 @@ from imagegen.streaming import (
     disconnect_probe,
     wants_event_stream,
 )
-from imagegen.validation import check_content_type, parse_generation_request
+from imagegen.validation import parse_generation_request
 
 # Raw bytes per base64 piece of an answer: a multiple of 3, so pieces join cleanly, and small
 # enough (64 KiB of base64) for malloc to reuse heap memory rather than map fresh pages for
@@ -38,22 +37,8 @@ BASE64_PIECE = 3 * 16 * 1024
 
 
 class JsonApi:
-    def __init__(
-        self,
-        service: GenerationService,
-        authenticator: Authenticator,
-        catalog: Catalog,
-        access_log: AccessLog,
-        *,
-        max_prompt_chars: int,
-        trusted_proxy_hops: int,
-    ) -> None:
-        self._service = service
-        self._authenticator = authenticator
-        self._catalog = catalog
-        self._log = access_log
-        self._max_prompt_chars = max_prompt_chars
-        self._hops = trusted_proxy_hops
+    def __init__(self, parts: DoorParts) -> None:
+        self._parts = parts
 
     def endpoint(self) -> Endpoint:
         return Endpoint(
@@ -61,41 +46,38 @@ class JsonApi:
         )
 
     def generate(self, request: flask.Request, record: RequestRecord) -> flask.Response:
-        ip = client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, self._hops)
-        caller = self._authenticator.authenticate(request.headers, ip)
-        record.fields["caller"] = caller.key
+        caller = self._parts.caller(request, record)
         with record.phase("validate"):
-            check_content_type(request.headers.get("Content-Type"))
-            generation = parse_generation_request(read_body(request), self._catalog, self._max_prompt_chars)
+            generation = parse_generation_request(json_body(request), self._parts.catalog, self._parts.max_prompt_chars)
         if wants_event_stream(request.accept_mimetypes):
             # The cache is asked inside the stream, after `accepted`: a slow store must not
             # keep a stream silent.
-            return self._stream(request, self._service.admit(generation, caller.key, record, look_up_cache=False), record)
+            return self._stream(request, self._parts.service.admit(generation, caller, record, look_up_cache=False), record)
         generation = replace(generation, partial_images=0)  # only a stream carries them
-        admission = self._service.admit(generation, caller.key, record)
-        body, length = success_body(produce_watching(self._service, admission, disconnect_probe(request.environ)))
+        admission = self._parts.service.admit(generation, caller, record)
+        body, length = success_body(produce_watching(self._parts.service, admission, disconnect_probe(request.environ)))
         return response(200, body, {"Content-Type": "application/json", "Content-Length": str(length)})
 
     def _stream(self, request: flask.Request, admission: Admission, record: RequestRecord) -> flask.Response:
         """Server-Sent Events (imagegen.streaming): the work on its own thread, its progress
         as events, then the same answer as JSON in one `result` or `error` event."""
-        facts = self._log.facts(request)
+        facts = self._parts.access_log.facts(request)
         record.fields["stream"] = True
 
         def work(progress: ProgressSink, cancelled: threading.Event) -> Produced:
             try:
-                return self._service.produce(admission, progress, cancelled)
+                return self._parts.service.produce(admission, progress, cancelled)
             except ImageGenError as error:
                 note_error(record, error)
                 raise
             except Exception:
-                raise self._log.unexpected(facts.method, facts.path, record) from None
+                raise self._parts.access_log.unexpected(facts.method, facts.path, record) from None
 
         def finished(outcome: Outcome) -> None:
             if outcome.status == CLIENT_CLOSED:
                 record.fields["code"] = "cancelled"
                 record.fields["clientClosed"] = True
-            self._log.write(lambda: facts, outcome.status, outcome.bytes_sent, record)
+            self._parts.access_log.write(lambda: facts, outcome.status, outcome.bytes_sent, record)
 
         stream = GenerationStream(
             record.request_id,

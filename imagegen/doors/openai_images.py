@@ -28,18 +28,34 @@ from urllib.parse import quote
 
 import flask
 
-from imagegen.auth import Authenticator, client_ip
 from imagegen.doors.image_files import ImageFile, base64_pieces, in_format
 from imagegen.catalog import Catalog
 from imagegen.domain import GenerationRequest
 from imagegen.errors import ContentRejected, ImageGenError, InvalidRequest, UpstreamError
-from imagegen.http import AccessLog, Endpoint, note_error, read_body, response
+from imagegen.doors.common import DoorParts, json_body
+from imagegen.http import Endpoint, note_error, response
 from imagegen.record import RequestRecord
 from imagegen.png_info import PngParts
-from imagegen.service import Admission, GenerationService, Produced
+from imagegen.service import Admission, Produced
 from imagegen.storage import ImageMetadata, ImageStore
 from imagegen.streaming import EVENT_STREAM, disconnect_probe
-from imagegen.validation import MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE, MIN_STEPS, SIDE_STEP, check_content_type
+from imagegen.validation import (
+    MAX_GUIDANCE,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_GUIDANCE,
+    MIN_SIDE,
+    MIN_STEPS,
+    SIDE_STEP,
+    invalid_field,
+    json_object,
+    read_integer,
+    read_number,
+    read_text,
+    reject_lone_surrogates,
+    require_prompt,
+)
 
 GENERATIONS_SUFFIX = "/images/generations"
 MODELS_SUFFIX = "/models"
@@ -106,26 +122,11 @@ class Batch:
 
 class OpenAiImages:
     def __init__(
-        self,
-        service: GenerationService,
-        authenticator: Authenticator,
-        catalog: Catalog,
-        store: ImageStore,
-        image_urls: ImageUrls,
-        access_log: AccessLog,
-        *,
-        max_prompt_chars: int,
-        trusted_proxy_hops: int,
-        clock: Callable[[], float] = time.time,
+        self, parts: DoorParts, store: ImageStore, image_urls: ImageUrls, *, clock: Callable[[], float] = time.time
     ) -> None:
-        self._service = service
+        self._parts = parts
         self._store = store
         self._image_urls = image_urls
-        self._log = access_log
-        self._authenticator = authenticator
-        self._catalog = catalog
-        self._max_prompt_chars = max_prompt_chars
-        self._hops = trusted_proxy_hops
         self._clock = clock
 
     def suffix_routes(self) -> dict[str, tuple[Endpoint, ...]]:
@@ -140,23 +141,16 @@ class OpenAiImages:
             ),
         }  # fmt: skip
 
-    def _authenticate(self, request: flask.Request, record: RequestRecord) -> str:
-        ip = client_ip(request.headers.get("X-Forwarded-For"), request.remote_addr, self._hops)
-        caller = self._authenticator.authenticate(request.headers, ip)
-        record.fields["caller"] = caller.key
-        return caller.key
-
     def models(self, request: flask.Request, record: RequestRecord) -> flask.Response:
-        self._authenticate(request, record)
-        body = json.dumps({"object": "list", "data": model_list(self._catalog)}).encode()
+        self._parts.caller(request, record)
+        body = json.dumps({"object": "list", "data": model_list(self._parts.catalog)}).encode()
         return response(200, body, {"Content-Type": "application/json"})
 
     def generate(self, request: flask.Request, record: RequestRecord) -> flask.Response:
-        caller = self._authenticate(request, record)
+        caller = self._parts.caller(request, record)
         record.fields["door"] = "openai"
         with record.phase("validate"):
-            check_content_type(request.headers.get("Content-Type"))
-            asked = parse_images_request(read_body(request), self._catalog, self._max_prompt_chars)
+            asked = parse_images_request(json_body(request), self._parts.catalog, self._parts.max_prompt_chars)
         admissions = self._admit_all(asked, caller, record)
         if asked.stream:
             return self._stream(request, record, asked, admissions)
@@ -181,7 +175,7 @@ class OpenAiImages:
     ) -> flask.Response:
         from imagegen.doors.openai_stream import Completed, ImagesStream
 
-        facts = self._log.facts(request)
+        facts = self._parts.access_log.facts(request)
         record.fields["stream"] = True
         base_url = self._base_url(request)  # read here: the stream outlives the request's context
 
@@ -210,9 +204,9 @@ class OpenAiImages:
             if status == 499:
                 record.fields["code"] = "cancelled"
                 record.fields["clientClosed"] = True
-            self._log.write(lambda: facts, status, sent, record)
+            self._parts.access_log.write(lambda: facts, status, sent, record)
 
-        stream = ImagesStream(self._service, admissions, asked.partial_images, finish, error_object,
+        stream = ImagesStream(self._parts.service, admissions, asked.partial_images, finish, error_object,
                               disconnect_probe(request.environ), finished)  # fmt: skip
         headers = {"Content-Type": EVENT_STREAM, "X-Accel-Buffering": "no"}
         if asked.ignored:
@@ -234,10 +228,10 @@ class OpenAiImages:
         admissions: list[Admission] = []
         try:
             for index in range(asked.n):
-                admissions.append(self._service.admit(image_generation(asked.generation, index), caller, record))
+                admissions.append(self._parts.service.admit(image_generation(asked.generation, index), caller, record))
         except BaseException:
             for admission in admissions:
-                self._service.release(admission)
+                self._parts.service.release(admission)
             raise
         return admissions
 
@@ -247,7 +241,7 @@ class OpenAiImages:
 
         def make(admission: Admission) -> Produced | ImageGenError:
             try:
-                return produce_watching(self._service, admission, client_gone)
+                return produce_watching(self._parts.service, admission, client_gone)
             except ImageGenError as error:
                 return error
 
@@ -294,7 +288,7 @@ class OpenAiImages:
         itself answer under the same prefix as the door."""
         scheme = request.scheme
         forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-        if self._hops and forwarded in ("http", "https"):
+        if self._parts.trusted_proxy_hops and forwarded in ("http", "https"):
             scheme = forwarded
         return f"{scheme}://{request.host}{request.path[: -len(GENERATIONS_SUFFIX)]}"
 
@@ -408,23 +402,12 @@ def model_list(catalog: Catalog) -> list[dict[str, Any]]:
 
 def parse_images_request(body: bytes, catalog: Catalog, max_prompt_chars: int) -> ImagesRequest:
     """OpenAI's request, checked; every error names its field as OpenAI's `param`."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest('The request body must be a JSON object such as {"prompt": "a red fox"}.', code="invalid_body")
-    for name, value in data.items():
-        if not _utf8(name) or (isinstance(value, str) and not _utf8(value)):
-            raise InvalidRequest("The request holds text that is not valid Unicode (a lone UTF-16 surrogate).",
-                                 code="invalid_field", field=name if _utf8(name) else None)  # fmt: skip
+    data = json_object(body)
+    reject_lone_surrogates(data)
+    # Unlike the JSON API, which refuses them: OpenAI's SDKs send fields this door does not
+    # know, so each is accepted and named as ignored.
     ignored = [name[:64] for name in data if name not in KNOWN_FIELDS]
-    prompt = data.get("prompt")
-    if prompt is None:
-        raise InvalidRequest('The field "prompt" is required.', code="missing_field", field="prompt")
-    prompt = _text(data, "prompt", max_prompt_chars)
-    if not prompt:
-        raise InvalidRequest('The field "prompt" must not be empty.', code="invalid_field", field="prompt")
+    prompt = require_prompt(data, max_prompt_chars)
     backend, model = _model(data.get("model"), catalog)
     width, height = _size(data.get("size"))
     for name, defaults in NO_EFFECT_DEFAULTS.items():
@@ -432,15 +415,15 @@ def parse_images_request(body: bytes, catalog: Catalog, max_prompt_chars: int) -
         if value is not None and value not in defaults:
             ignored.append(name)
     output_format = _choice(data, "output_format", OUTPUT_FORMATS) or "png"
-    compression = _integer(data, "output_compression", 0, 100)
+    compression = read_integer(data, "output_compression", 0, 100)
     if compression is not None and output_format == "png":
         ignored.append("output_compression")
     quality = data.get("quality")
     background = data.get("background")
     stream = data.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise _invalid("stream", "true or false", stream)
-    partial_images = _integer(data, "partial_images", 0, 3) or 0
+        raise invalid_field("stream", "true or false", stream)
+    partial_images = read_integer(data, "partial_images", 0, 3) or 0
     if partial_images and not stream:
         ignored.append("partial_images")  # only a stream carries them
     response_format = _choice(data, "response_format", RESPONSE_FORMATS) or "b64_json"
@@ -451,15 +434,15 @@ def parse_images_request(body: bytes, catalog: Catalog, max_prompt_chars: int) -
             prompt=prompt,
             model=model,
             backend=backend,
-            negative_prompt=_text(data, "negative_prompt", max_prompt_chars) or None,
+            negative_prompt=read_text(data, "negative_prompt", max_prompt_chars) or None,
             width=width,
             height=height,
-            steps=_integer(data, "steps", MIN_STEPS, MAX_STEPS),
-            guidance_scale=_number(data, "guidance_scale", 0.0, 30.0),
-            seed=_integer(data, "seed", 0, MAX_SEED),
+            steps=read_integer(data, "steps", MIN_STEPS, MAX_STEPS),
+            guidance_scale=read_number(data, "guidance_scale", MIN_GUIDANCE, MAX_GUIDANCE),
+            seed=read_integer(data, "seed", 0, MAX_SEED),
             partial_images=partial_images if stream else 0,
         ),
-        n=_integer(data, "n", 1, MAX_IMAGES) or 1,
+        n=read_integer(data, "n", 1, MAX_IMAGES) or 1,
         response_format=response_format,
         output_format=output_format,
         output_compression=compression if output_format != "png" else None,
@@ -498,7 +481,7 @@ def _size(value: Any) -> tuple[int | None, int | None]:
         return None, None
     match = re.fullmatch(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", value) if isinstance(value, str) else None
     if match is None:
-        raise _invalid("size", 'a size such as "1024x1024", or "auto"', value)
+        raise invalid_field("size", 'a size such as "1024x1024", or "auto"', value)
     width, height = int(match.group(1)), int(match.group(2))
     scale = min(1.0, MAX_SIDE / max(width, height))
     scale = max(scale, MIN_SIDE / min(width, height)) if min(width, height) * scale < MIN_SIDE else scale
@@ -509,55 +492,10 @@ def _size(value: Any) -> tuple[int | None, int | None]:
     return side(width), side(height)
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _invalid(name: str, expected: str, value: Any) -> InvalidRequest:
-    shown = json.dumps(value, ensure_ascii=False)
-    shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    return InvalidRequest(f'The field "{name}" must be {expected} (got {shown}).', code="invalid_field", field=name)
-
-
-def _text(data: dict[str, Any], name: str, max_chars: int) -> str:
-    value = data.get(name)
-    if value is None:
-        return ""
-    if not isinstance(value, str) or "\x00" in value:
-        raise _invalid(name, "a string without NUL characters", value)
-    if len(value) > max_chars:
-        raise InvalidRequest(f'The field "{name}" is too long: {len(value)} characters, at most {max_chars}.',
-                             code="invalid_field", field=name)  # fmt: skip
-    return value.strip()
-
-
-def _integer(data: dict[str, Any], name: str, low: int, high: int) -> int | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    whole = not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
-    if not whole or not low <= value <= high:
-        raise _invalid(name, f"an integer from {low} to {high}", value)
-    return int(value)
-
-
-def _number(data: dict[str, Any], name: str, low: float, high: float) -> float | None:
-    value = data.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-        raise _invalid(name, f"a number from {low:g} to {high:g}", value)
-    return float(value)
-
-
 def _choice(data: dict[str, Any], name: str, allowed: tuple[str, ...]) -> str | None:
     value = data.get(name)
     if value is None:
         return None
     if value not in allowed:
-        raise _invalid(name, "one of " + ", ".join(allowed), value)
+        raise invalid_field(name, "one of " + ", ".join(allowed), value)
     return value
