@@ -22,7 +22,7 @@ from imagegen.dispatch import Candidate, Dispatcher
 from imagegen.domain import GeneratedImage, GenerationRequest, Route
 from imagegen.errors import Cancelled, StorageError, UpstreamTimeout
 from imagegen.events import ProgressSink, ignore_progress
-from imagegen.images import NotAnImage, check_png, sniff_image_type
+from imagegen.images import NotAnImage, check_png, check_stored_png, sniff_image_type
 from imagegen.logs import prompt_fingerprint
 from imagegen.png_info import PngParts, embed_parameters, png_size, png_text
 from imagegen.errors import RateLimited
@@ -229,7 +229,8 @@ class GenerationService:
                 produced, shared = self._state.single_flight(
                     key,
                     produce,
-                    lambda name: self._load(name, backend, generation.seed),
+                    # A name read back from shared state: its bytes get the full check.
+                    lambda name: self._load(name, backend, generation.seed, check=check_png),
                     lease_seconds=SINGLE_FLIGHT_LEASE_SECONDS,
                     timeout=max(0.0, context.time_left()) + SINGLE_FLIGHT_GRACE_SECONDS,
                 )
@@ -266,16 +267,21 @@ class GenerationService:
                     return hit
         return None
 
-    def _load(self, name: str, backend: str, seed: int | None) -> Produced | None:
-        """A stored image as an answer, with what made it read from its text chunks."""
+    def _load(
+        self, name: str, backend: str, seed: int | None, check: Callable[[bytes], object] = check_stored_png
+    ) -> Produced | None:
+        """A stored image as an answer, with what made it read from its text chunks. What
+        storage holds is data, not truth: only a sound PNG becomes an answer. Under a name this
+        service computed, the PNG it stored after a full check needs only its structure checked
+        (every chunk's CRC); under a name read from shared state, `check` is the full check."""
         hit = self._store.load(name)
         if hit is None:
             return None
         png, file_path = hit
-        try:  # what storage holds is data, not truth: only a sound PNG becomes an answer
+        try:
             if sniff_image_type(png) != "png":
                 raise NotAnImage("not a PNG")
-            check_png(png)
+            check(png)
         except NotAnImage:
             return None  # generate instead
         route = Route(
