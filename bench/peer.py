@@ -54,6 +54,8 @@ GEMINI_MODEL = "gemini-2.5-flash-image"
 TRY_SECONDS = 5  # one try's timeout, on both
 RETRIES = 2  # retries of the primary before the fallback, on both: 3 primary calls
 BURST = 100
+# Healthy images each new service makes before a phase is measured: a running service's record.
+WARM_IMAGES = 20
 BURST_UPSTREAM_SECONDS = 2.0
 STARTUP_SECONDS = 60  # LiteLLM's proxy takes several seconds to import on 2 shared cores
 
@@ -408,6 +410,27 @@ FIGURES = (
 )
 
 
+def start_both(primary: Primary, fallback: FakeGemini, tmp: str, label: str) -> list[Service]:
+    """Both services, new, each past its first image and WARM_IMAGES healthy ones: what a service
+    that has been running sees. A new pair for every phase, so that nothing one phase taught a
+    service (this function's open circuits and latency record, LiteLLM's cooldowns) carries into
+    the next."""
+    services: list[Service] = []
+    try:
+        services.append(start_imagegen(primary, fallback, f"{tmp}/images-{label}"))
+        services.append(start_litellm(primary, fallback, tmp))
+        for service in services:
+            wait_image(service, STARTUP_SECONDS)
+            session = requests.Session()
+            for index in range(WARM_IMAGES):
+                service.post(session, f"warm {index}")
+    except BaseException:
+        for service in services:
+            service.stop()
+        raise
+    return services
+
+
 def one_run(png: bytes, tmp: str, rounds: int, per_round: int, cold_rounds: int, log: Callable[[str], None]) -> tuple[Run, list[str]]:
     """Every figure for both services, alternating; and lines of detail (calls, failures)."""
     for module in (fake_openai, fake_gemini):
@@ -416,33 +439,40 @@ def one_run(png: bytes, tmp: str, rounds: int, per_round: int, cold_rounds: int,
     fallback = quiet(FakeGemini(GEMINI_KEY)).start()
     run: Run = {}
     notes: list[str] = []
-    services: list[Service] = []
     try:
-        services = [start_imagegen(primary, fallback, f"{tmp}/images"), start_litellm(primary, fallback, tmp)]
-        for service in services:
-            wait_image(service, STARTUP_SECONDS)
-        log("added latency")
-        run["added"] = tuple(measure_added(services, primary, rounds, per_round))  # type: ignore[assignment]
+        services = start_both(primary, fallback, tmp, "added")
+        try:
+            log("added latency")
+            run["added"] = tuple(measure_added(services, primary, rounds, per_round))  # type: ignore[assignment]
+        finally:
+            for service in services:
+                service.stop()
         for scenario in SCENARIOS:
             log(scenario.key)
-            found = [measure_scenario(service, primary, fallback, scenario) for service in services]
+            services = start_both(primary, fallback, tmp, scenario.key)
+            try:
+                found = [measure_scenario(service, primary, fallback, scenario) for service in services]
+            finally:
+                for service in services:
+                    service.stop()
             run[scenario.key] = (found[0]["p95"], found[1]["p95"])
             run[f"{scenario.key}_calls"] = tuple(f["primary"] + f["fallback"] for f in found)  # type: ignore[assignment]
             notes.append(f"{scenario.key}: " + "; ".join(
                 f"{s.name} {f['ok']}/{scenario.requests} images, {f['primary']:.2f} primary + {f['fallback']:.2f} fallback calls per request"
                 for s, f in zip(services, found, strict=True)))
         log("burst")
-        bursts = [measure_burst(service, primary) for service in services]
+        services = start_both(primary, fallback, tmp, "burst")
+        try:
+            bursts = [measure_burst(service, primary) for service in services]
+        finally:
+            for service in services:
+                service.stop()
         run["burst_wall"] = (bursts[0][0], bursts[1][0])
         run["burst_cpu"] = (bursts[0][1], bursts[1][1])
         run["burst_rss"] = (bursts[0][2], bursts[1][2])
         notes.append("burst: " + "; ".join(
             f"{s.name} {b[3]}/{BURST} images, each in {statistics.median(b[4]):.2f} s (median), {max(b[4]):.2f} s (slowest)"
             for s, b in zip(services, bursts, strict=True)))
-    finally:
-        for service in services:
-            service.stop()
-    try:
         log("cold start")
         run["cold"] = tuple(measure_cold(primary, fallback, tmp, cold_rounds))  # type: ignore[assignment]
     finally:
