@@ -410,20 +410,23 @@ FIGURES = (
 )
 
 
-def start_both(primary: Primary, fallback: FakeGemini, tmp: str, label: str) -> list[Service]:
-    """Both services, new, each past its first image and WARM_IMAGES healthy ones: what a service
-    that has been running sees. A new pair for every phase, so that nothing one phase taught a
-    service (this function's open circuits and latency record, LiteLLM's cooldowns) carries into
-    the next."""
+def start_both(
+    primary: Primary, fallback: FakeGemini, tmp: str, label: str, healthy: Callable[[int], Reply] = lambda _n: Reply()
+) -> list[Service]:
+    """Both services, new, each past its first image and WARM_IMAGES healthy ones (`healthy`: the
+    primary's answers while it is well, e.g. its usual latency): what a service that has been
+    running sees. A new pair for every phase, so that nothing one phase taught a service (this
+    function's open circuits and latency record, LiteLLM's cooldowns) carries into the next."""
     services: list[Service] = []
     try:
         services.append(start_imagegen(primary, fallback, f"{tmp}/images-{label}"))
         services.append(start_litellm(primary, fallback, tmp))
+        primary.policy = healthy
         for service in services:
             wait_image(service, STARTUP_SECONDS)
-            session = requests.Session()
-            for index in range(WARM_IMAGES):
-                service.post(session, f"warm {index}")
+            with ThreadPoolExecutor(WARM_IMAGES) as pool:
+                list(pool.map(lambda index, service=service: service.post(requests.Session(), f"warm {index}"), range(WARM_IMAGES)))
+        primary.policy = lambda _n: Reply()
     except BaseException:
         for service in services:
             service.stop()
@@ -461,7 +464,8 @@ def one_run(png: bytes, tmp: str, rounds: int, per_round: int, cold_rounds: int,
                 f"{s.name} {f['ok']}/{scenario.requests} images, {f['primary']:.2f} primary + {f['fallback']:.2f} fallback calls per request"
                 for s, f in zip(services, found, strict=True)))
         log("burst")
-        services = start_both(primary, fallback, tmp, "burst")
+        # The burst's upstream always takes BURST_UPSTREAM_SECONDS: that is the primary's usual latency.
+        services = start_both(primary, fallback, tmp, "burst", lambda _n: Reply(hold_seconds=BURST_UPSTREAM_SECONDS))
         try:
             bursts = [measure_burst(service, primary) for service in services]
         finally:
