@@ -233,10 +233,6 @@ class Reach:
         return None
 
 
-class _Refused(OSError):
-    """A connection this function will not make (or a lookup that failed, or ran too long)."""
-
-
 def _open_socket(connection: Any) -> socket.socket:
     """Resolve within the deadline, check every address under a Reach, connect to a checked one."""
     scope = current_deadline()
