@@ -45,6 +45,7 @@ from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConn
 
 from imagegen.backends.base import GenerationContext
 from imagegen.backends.vendor import CallContext, error_for_status
+from imagegen.embedded import JsonImageScan, forget_json, remember_json
 from imagegen.images import MAX_IMAGE_BYTES, PngCheck, forget_check, remember_check
 from imagegen.imaging import PNG_SIGNATURE
 from imagegen.errors import ServerBusy, UpstreamError, UpstreamTimeout
@@ -446,9 +447,12 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
 
     A body that starts as a PNG is checked while it arrives (PngCheck, fed each piece as it
     comes, so the inflating overlaps the transfer), and its verdict remembered for the
-    check_png the backend then makes on these very bytes, in this thread."""
+    check_png the backend then makes on these very bytes, in this thread. A body that starts
+    as JSON has its long base64 strings decoded, and checked when they are PNGs, the same way
+    (embedded.JsonImageScan), remembered for the backend's read_json on these very bytes."""
     scope = current_deadline()
     forget_check()
+    forget_json()
     decoder = _decoder_for(response.headers)
     declared = response.headers.get("Content-Length", "")
     if decoder is None and not truncate and declared.isascii() and declared.isdigit() and len(declared) < 16:
@@ -457,6 +461,7 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
     pieces: list[bytes] = []
     size = 0
     check: PngCheck | None = None
+    scan: JsonImageScan | None = None
     sock = None
     try:
         while size <= limit:
@@ -470,12 +475,19 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
                     if failure.kind == "too_large" and truncate:
                         break
                     raise
-            if not size and not truncate and piece.startswith(PNG_SIGNATURE):
-                check = PngCheck()
+            if not size and not truncate:
+                if piece.startswith(PNG_SIGNATURE):
+                    check = PngCheck()
+                elif piece.lstrip()[:1] in (b"{", b"["):
+                    scan = JsonImageScan()
                 sock = _body_socket(response)
             if check is not None:
                 _ack_at_once(sock)
                 check.feed(piece)
+            elif scan is not None:
+                if scan.checking:
+                    _ack_at_once(sock)
+                scan.feed(piece)
             pieces.append(piece)
             size += len(piece)
             if scope is not None and (scope.expired or scope.left() <= 0):
@@ -491,6 +503,8 @@ def read_body(response: requests.Response, limit: int, truncate: bool = False) -
     body = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # or b"" for none
     if check is not None:
         remember_check(body, check.finish())
+    elif scan is not None and (found := scan.finish(body)) is not None:
+        remember_json(body, found)
     return body
 
 

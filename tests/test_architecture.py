@@ -18,7 +18,7 @@ PACKAGE = REPO_ROOT / "imagegen"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("imagegen.errors", "imagegen.domain", "imagegen.env_values", "imagegen.events", "imagegen.identity", "imagegen.malloc",
      "imagegen.record", "imagegen.retry", "imagegen.slots", "imagegen.logs", "imagegen.cors", "imagegen.imaging",
-     "imagegen.images", "imagegen.png_info", "imagegen.route_health"),
+     "imagegen.images", "imagegen.embedded", "imagegen.png_info", "imagegen.route_health"),
     ("imagegen.backends.registry", "imagegen.state.base", "imagegen.state.settings", "imagegen.state.ratelimit",
      "imagegen.state.single_flight"),
     ("imagegen.config",),

@@ -33,7 +33,8 @@ from imagegen.outbound import BadDownload
 from imagegen.backends.vendor import CallContext
 from imagegen.config import BackendSettings
 from imagegen.errors import BadAnswer, ConfigurationError, ImageGenError
-from imagegen.images import NotAnImage, describe_non_image, ensure_png
+from imagegen.embedded import EmbeddedBase64, take_remembered_json
+from imagegen.images import NotAnImage, describe_non_image, ensure_png, remember_check
 
 State = TypeVar("State")
 
@@ -90,9 +91,11 @@ def what_came(error: BaseException, call: CallContext) -> str:
 
 
 def read_json(body: bytes) -> Any:
-    """The answer as JSON, or Unusable saying what it was instead."""
+    """The answer as JSON, or Unusable saying what it was instead. A body whose base64 images
+    were decoded while it arrived (outbound.read_body) is parsed without them."""
+    embedded = take_remembered_json(body)
     try:
-        return json.loads(body)
+        return embedded.parse() if embedded is not None else json.loads(body)
     except RecursionError:
         raise Unusable("JSON nested too deeply") from None
     except ValueError:  # JSONDecodeError, UnicodeDecodeError, an integer too long to read
@@ -110,6 +113,10 @@ def b64_image(value: Any, where: str) -> bytes:
     """The bytes of a base64 image found at `where` (named in the message when unusable)."""
     if not isinstance(value, str) or not value:
         raise Unusable(f"JSON without {where}")
+    if isinstance(value, EmbeddedBase64):  # decoded, and checked if a PNG, while it arrived
+        if value.check is not None:
+            remember_check(value.decoded, value.check)
+        return value.decoded
     try:
         return pybase64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
