@@ -106,7 +106,8 @@ def _replace_placeholders(parsed: Any, by_placeholder: dict[str, _Embedded], bod
                 containers.append(value)
             elif isinstance(value, str) and value.startswith(_PLACEHOLDER_PREFIX) and value in by_placeholder:
                 string = by_placeholder.pop(value)
-                text = EmbeddedBase64(body[string.start : string.end].decode("ascii"))
+                with memoryview(body) as view, view[string.start : string.end] as chars:
+                    text = EmbeddedBase64(chars, "ascii")  # one copy, straight from the body
                 text.decoded, text.check = string.decoded, string.check
                 container[key] = text
                 found += 1
