@@ -619,7 +619,9 @@ def _convert(data: bytes, kind: str, wait_seconds: float) -> bytes:
         raise _too_large(f"a {kind.upper()} whose converted PNG is too large") from None
     except Image.DecompressionBombError:  # Pillow's own limit, checked when it opens the file
         raise NotAnImage(f"a {kind.upper()} larger than the {MAX_IMAGE_PIXELS // 2**20} megapixels accepted") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
+    except UnidentifiedImageError:  # its message names an object's address: say it plainly
+        raise NotAnImage(f"a {kind.upper()} that cannot be decoded (Pillow cannot identify it)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise NotAnImage(f"a {kind.upper()} that cannot be decoded ({error})") from None
 
 

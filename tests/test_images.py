@@ -268,3 +268,9 @@ def test_embedding_parameters_never_raises_on_text_utf8_cannot_hold():
     check_png(png)
     assert pillow_reads(png)
     assert cache_key(generation, IDENTITY, MODEL)  # and the cache key is computed too
+
+
+def test_an_unidentifiable_image_is_refused_in_words_without_an_address():
+    with pytest.raises(NotAnImage) as caught:
+        ensure_png(b"\xff\xd8\xff" + bytes(3000))
+    assert str(caught.value) == "a JPEG that cannot be decoded (Pillow cannot identify it)"
