@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,11 +35,11 @@ from imagegen.catalog import Catalog
 from imagegen.domain import GenerationRequest
 from imagegen.errors import Cancelled, ImageGenError, InvalidRequest
 from imagegen.doors.common import DoorParts, json_body
+from imagegen.doors.watch import WATCH
 from imagegen.http import Endpoint, response
 from imagegen.record import RequestRecord
 from imagegen.service import Admission, Produced
 from imagegen.streaming import NEVER_GONE, disconnect_probe
-from imagegen import streaming
 from imagegen.validation import (
     MAX_GUIDANCE,
     MAX_SEED,
@@ -580,16 +581,6 @@ class A1111Api:
     ) -> list[Produced | ImageGenError]:
         """Every image in parallel, each within the deadline; an interrupt or the caller going
         away cancels those still running."""
-        finished = threading.Event()
-        if client_gone is not NEVER_GONE:
-
-            def watch() -> None:
-                while not finished.wait(streaming.DISCONNECT_PROBE_SECONDS):
-                    if client_gone():
-                        job.cancelled.set()
-                        return
-
-            threading.Thread(target=watch, name="imagegen-a1111-watch", daemon=True).start()
 
         def one(index: int) -> Produced | ImageGenError:
             def progress(event: str, **fields: Any) -> None:
@@ -605,13 +596,14 @@ class A1111Api:
             job.done.add(index)
             return produced
 
+        watched = WATCH.watching(client_gone, job.cancelled.set) if client_gone is not NEVER_GONE else nullcontext()
         try:
-            if len(admissions) == 1:
-                return [one(0)]
-            with ThreadPoolExecutor(max_workers=len(admissions), thread_name_prefix="imagegen-a1111") as pool:
-                return list(pool.map(one, range(len(admissions))))
+            with watched:
+                if len(admissions) == 1:
+                    return [one(0)]
+                with ThreadPoolExecutor(max_workers=len(admissions), thread_name_prefix="imagegen-a1111") as pool:
+                    return list(pool.map(one, range(len(admissions))))
         finally:
-            finished.set()
             if job.cancelled.is_set() and not job.interrupted:
                 raise Cancelled()
 

@@ -15,6 +15,7 @@ import pybase64
 from imagegen.errors import Cancelled, ImageGenError
 from imagegen.events import ProgressSink
 from imagegen.doors.common import DoorParts, json_body
+from imagegen.doors.watch import WATCH
 from imagegen.http import Endpoint, error_payload, note_error, response
 from imagegen.record import RequestRecord
 from imagegen.service import Admission, GenerationService, Produced
@@ -97,22 +98,13 @@ def produce_watching(service: GenerationService, admission: Admission, client_go
     local model. Where the server gives no socket to watch, nothing watches."""
     if client_gone is NEVER_GONE:
         return service.produce(admission)
-    cancelled, finished = threading.Event(), threading.Event()
-
-    def watch() -> None:
-        while not finished.wait(streaming.DISCONNECT_PROBE_SECONDS):
-            if client_gone():
-                cancelled.set()
-                return
-
-    threading.Thread(target=watch, name="imagegen-watch", daemon=True).start()
+    cancelled = threading.Event()
     try:
-        return service.produce(admission, cancelled=cancelled)
+        with WATCH.watching(client_gone, cancelled.set):
+            return service.produce(admission, cancelled=cancelled)
     except Cancelled:
         admission.record.fields["clientClosed"] = True
         raise
-    finally:
-        finished.set()
 
 
 def answer_fields(produced: Produced) -> dict[str, Any]:
