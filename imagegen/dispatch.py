@@ -157,7 +157,7 @@ class Dispatcher:
                 limit = None
             try_context = context
             if limit is not None and clock() + limit < context.deadline:
-                try_context = replace(context, deadline=clock() + limit)
+                try_context = replace(context, deadline=clock() + limit, request_deadline=context.deadline)
             started = clock()
             try:
                 image = backend.generate(route, request, try_context)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import itertools
+import math
 import re
 import socket
 import threading
@@ -88,11 +89,13 @@ class Answer:
 class Deadline:
     """One call's absolute deadline (time.monotonic()) and the connections it is using."""
 
-    def __init__(self, at: float, reach: Reach | None = None) -> None:
+    def __init__(self, at: float, reach: Reach | None = None, ceiling: float = math.inf) -> None:
         self.at = at
         self.reach = reach
+        self.ceiling = ceiling  # an enclosing scope's time: a pause never carries this one past it
         self.expired = False
         self._done = False
+        self._paused = False
         self._connections: list[Any] = []
         self._lock = threading.Lock()
 
@@ -112,8 +115,8 @@ class Deadline:
     def expire(self) -> None:
         """The watchdog's call: shut every socket down, so any read or write returns at once."""
         with self._lock:
-            if self._done:
-                return
+            if self._done or self._paused or time.monotonic() < self.at:
+                return  # paused, or moved later by a pause: the watchdog has its new time
             self.expired = True
             # A connection this call has already given back may be serving another call now.
             sockets = [_socket_of(c) for c in self._connections if getattr(c, "deadline_owner", None) is self]
@@ -124,6 +127,22 @@ class Deadline:
         with self._lock:
             self._done = True
             self._connections.clear()
+
+    @contextmanager
+    def paused(self, ceiling: float) -> Iterator[None]:
+        """The clock stopped while the call waits on this instance (for an image slot), not on
+        the vendor: it then has the time it had left, but never past `ceiling` (monotonic) or
+        an enclosing scope's time."""
+        started = time.monotonic()
+        with self._lock:
+            self._paused = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paused = False
+                self.at = max(self.at, min(self.at + time.monotonic() - started, ceiling, self.ceiling))
+            _WATCHDOG.add(self)
 
 
 def _socket_of(connection: Any) -> Any:
@@ -185,7 +204,7 @@ def deadline(seconds: float, reach: Reach | None = None) -> Iterator[Deadline]:
     if outer is not None:
         at = min(at, outer.at)
         reach = reach or outer.reach
-    scope = Deadline(at, reach)
+    scope = Deadline(at, reach, outer.at if outer is not None else math.inf)
     _local.deadline = scope
     _WATCHDOG.add(scope)
     try:
@@ -711,6 +730,18 @@ def google_auth_transport(session: requests.Session, seconds: float = DEFAULT_CA
     return Transport()
 
 
+def _take_slot(context: GenerationContext, scope: Deadline) -> bool:
+    """The generation's image slot, for an answer the vendor has begun to send. The wait is
+    this instance's own queue, not the vendor being slow: the try's clock stops meanwhile, so a
+    burst that queues here does not time out images already paid for and fail over to a second
+    paid call (nor count those as the route's failures). The request's deadline still bounds it."""
+    if context.slot is None:
+        return True
+    left = context.request_time_left()
+    with scope.paused(time.monotonic() + left):
+        return context.slot.take(timeout=left)
+
+
 class HttpExchange:
     def __init__(
         self,
@@ -744,7 +775,7 @@ class HttpExchange:
         it arrives (at most `events_limit` bytes in all, MAX_EVENT_BYTES in one event) and the
         Answer's body is empty; any other answer is read as without it."""
         timeout = self._request_timeout(call, context)
-        with deadline(timeout):
+        with deadline(timeout) as scope:
             try:
                 response = self._session.request(
                     method,
@@ -763,7 +794,7 @@ class HttpExchange:
                 call.status = response.status_code
                 call.note_request_id(response.headers.get("x-request-id") or response.headers.get("request-id"))
                 ok = response.status_code in accept_statuses
-                if ok and context.slot is not None and not context.slot.take(timeout=context.time_left()):
+                if ok and not _take_slot(context, scope):
                     raise _server_busy()
                 events = ok and on_event is not None and _is_event_stream(response.headers)
                 try:
@@ -784,7 +815,7 @@ class HttpExchange:
         checked, bounded in size and time. Raises BadDownload with one text for any refusal or
         failure (the backend says the answer had no usable image)."""
         reach = Reach(allow_loopback, self._resolver)
-        with deadline(self._request_timeout(call, context), reach):
+        with deadline(self._request_timeout(call, context), reach) as scope:
             for _ in range(MAX_REDIRECTS + 1):
                 if download_refusal(url, allow_loopback):
                     raise BadDownload(DOWNLOAD_REFUSED)
@@ -798,7 +829,7 @@ class HttpExchange:
                             continue
                         if response.status_code != 200:
                             raise BadDownload(DOWNLOAD_REFUSED)
-                        if context.slot is not None and not context.slot.take(timeout=context.time_left()):
+                        if not _take_slot(context, scope):
                             raise _server_busy()
                         return read_body(response, MAX_IMAGE_BYTES)
                 except requests.RequestException as error:

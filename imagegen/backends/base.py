@@ -60,9 +60,16 @@ class GenerationContext:
     slot: Slot | None = None
     progress: ProgressSink = ignore_progress
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # The request's own deadline where this try's is shorter (the dispatcher's adaptive cut).
+    request_deadline: float | None = None
 
     def time_left(self) -> float:
         return self.deadline - self.timing.clock()
+
+    def request_time_left(self) -> float:
+        """What is left of the request's time, whatever this try's own limit."""
+        end = self.deadline if self.request_deadline is None else max(self.deadline, self.request_deadline)
+        return end - self.timing.clock()
 
     def check_cancelled(self) -> None:
         if self.cancelled.is_set():
