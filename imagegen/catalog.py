@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from imagegen.backends.base import Backend, providers_of
 from imagegen.backends.registry import BACKENDS
@@ -34,7 +35,7 @@ class Catalog:
     def offer(self, backend: str) -> Offer:
         return next(offer for offer in self.offers if offer.backend == backend)
 
-    @property
+    @cached_property  # asked on every request that names a model; the offers never change
     def models(self) -> tuple[str, ...]:
         """Every model some backend allows, in failover order, each once."""
         return tuple(dict.fromkeys(model for offer in self.offers for model in offer.models))

@@ -159,7 +159,7 @@ def test_a_png_answer_is_decoded_and_checked_while_it_arrives():
     assert found is not None and len(found.strings) == 1
     remember_json(body, found)
     value = read_json(body)["data"][0]["b64_json"]
-    assert isinstance(value, EmbeddedBase64) and value == B64
+    assert isinstance(value, EmbeddedBase64) and value == f"[{len(B64)} characters of base64, decoded as they arrived]"
     assert value.decoded == PNG and value.check is not None
     assert value.check.result(value.decoded) == check_png(PNG)
 
@@ -222,3 +222,14 @@ def test_padding_that_ends_a_piece_is_still_padding_in_the_middle():
     cut = body.index(b"==") + 2
     plain, fast, found = both_ways(body, where, [body[:cut], body[cut:]])
     assert fast == plain and plain[0] == "error" and found is None
+
+
+def test_backends_decode_base64_only_through_the_toolkit():
+    # An EmbeddedBase64's text is a note, not the base64: only toolkit.b64_image may read it.
+    from pathlib import Path
+
+    backends = Path(embedded.__file__).parent / "backends"
+    for path in backends.rglob("*.py"):
+        if path.name != "toolkit.py":
+            text = path.read_text()
+            assert "b64decode" not in text and "a2b_base64" not in text, path
