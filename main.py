@@ -5,10 +5,11 @@ import os
 import functions_framework
 
 from imagegen.app import create_handler
-from imagegen.malloc import limit_malloc_arenas
+from imagegen.malloc import keep_large_buffers, limit_malloc_arenas
 from imagegen.serving import buffer_connections, connection_limits, json_error_pages
 
 limit_malloc_arenas(os.environ)
+keep_large_buffers(os.environ)
 # google-cloud-storage (3.17) otherwise starts a background request for bucket metadata with
 # every client, which costs time and fails offline; it reads this process-wide switch itself.
 os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
