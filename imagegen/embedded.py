@@ -65,7 +65,6 @@ class EmbeddedBase64(str):
 class _Embedded:
     start: int  # offset of the string's first character in the body (after its quote)
     end: int  # offset of its closing quote
-    decoded: bytes
     check: CheckedPng | None
 
 
@@ -91,12 +90,12 @@ class EmbeddedJson:
             offset = string.end
         pieces.append(view[offset:])
         parsed = json.loads(b"".join(pieces))
-        if _replace_placeholders(parsed, by_placeholder) != len(self.strings):
+        if _replace_placeholders(parsed, by_placeholder, self.body) != len(self.strings):
             return json.loads(self.body)  # a placeholder is a key, or gone: parse it whole
         return parsed
 
 
-def _replace_placeholders(parsed: Any, by_placeholder: dict[str, _Embedded]) -> int:
+def _replace_placeholders(parsed: Any, by_placeholder: dict[str, _Embedded], body: bytes) -> int:
     """Put each placeholder's EmbeddedBase64 in its place; how many were found as values."""
     found = 0
     containers = [parsed] if isinstance(parsed, (dict, list)) else []
@@ -110,7 +109,11 @@ def _replace_placeholders(parsed: Any, by_placeholder: dict[str, _Embedded]) -> 
             elif isinstance(value, str) and value.startswith(_PLACEHOLDER_PREFIX) and value in by_placeholder:
                 string = by_placeholder.pop(value)
                 text = EmbeddedBase64(f"[{string.end - string.start} characters of base64, decoded as they arrived]")
-                text.decoded, text.check = string.decoded, string.check
+                # Decoded again, whole (0.15 ms for 2.3 MB): holding the pieces decoded on the way
+                # and joining them would keep the image twice in memory. It was validated then.
+                with memoryview(body) as view, view[string.start : string.end] as chars:
+                    text.decoded = pybase64.b64decode(chars, validate=True)
+                text.check = string.check
                 container[key] = text
                 found += 1
     return found
@@ -129,7 +132,6 @@ class JsonImageScan:
         self._decoding = False  # the current string is being decoded as it comes
         self._decodable = True  # nothing in the current string has ruled it out yet
         self._decoded_to = 0  # body offset up to which the current string is decoded
-        self._decoded: list[bytes] = []
         self._check: PngCheck | None = None
         self._strings = 0
         self._escapes = 0
@@ -177,7 +179,7 @@ class JsonImageScan:
             return
         self._in_string, self._escaped, self._decoding, self._decodable = True, False, False, True
         self._string_start = self._position = self._base + quote + 1
-        self._decoded, self._check = [], None
+        self._check = None
 
     def _read_plain(self, end: int) -> None:
         """A string with no escape so far: find its end or its first escape with memchr."""
@@ -187,7 +189,7 @@ class JsonImageScan:
         escape = self._data.find(b"\\", local, stop)
         if escape >= 0:
             self._escaped, self._decoding, self._decodable = True, False, False
-            self._decoded, self._check = [], None
+            self._check = None
             self._position = self._base + escape
             return
         self._position = self._base + stop
@@ -235,22 +237,19 @@ class JsonImageScan:
             decoded = pybase64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             self._decodable = self._decoding = False
-            self._decoded, self._check = [], None
+            self._check = None
             return
         finally:
             text.release()
-        if not self._decoded and decoded.startswith(PNG_SIGNATURE):
+        if self._decoded_to == self._string_start and decoded.startswith(PNG_SIGNATURE):
             self._check = PngCheck()
         if self._check is not None:
             self._check.feed(decoded)
-        self._decoded.append(decoded)
         self._decoded_to = stop
 
     def _keep(self) -> None:
-        decoded = b"".join(self._decoded)
         check = self._check.finish() if self._check is not None else None
-        self._found.append(_Embedded(self._string_start, self._position, decoded, check))
-        self._decoded = []
+        self._found.append(_Embedded(self._string_start, self._position, check))
 
     def _drop_to(self, offset: int) -> None:
         """Forget the body before `offset` (deleting a bytearray's front costs no copy)."""
@@ -261,7 +260,7 @@ class JsonImageScan:
     def _give_up(self) -> None:
         self._given_up = True
         self._data = bytearray()
-        self._decoded, self._found, self._check = [], [], None
+        self._found, self._check = [], None
 
 
 # A body scanned while it arrived (outbound.read_body), and what was found: the backend's
