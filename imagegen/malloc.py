@@ -12,7 +12,7 @@ Large buffers kept for reuse: a request for a 1.7 MB PNG allocates about 10 MB i
 0.1 to 4 MB (the body as it arrives, the decoded image, inflated rows, the answer's base64).
 By default glibc maps each such buffer fresh from the kernel and hands it back when freed, or
 trims the heap soon after, so every request faults its pages in again: 1,800 to 2,400 minor
-faults per request, 2.3 to 5 ms of its latency on these VMs (bench/peer.py's OpenAI path,
+faults per request, 2.3 to 5 ms of its latency on these VMs (bench/peer.py's primary stand-in,
 paired runs). Below MMAP_THRESHOLD_BYTES they now come from the heap, and freed memory goes
 back to the kernel only once TRIM_THRESHOLD_BYTES lie free at its top: about 10 faults per
 request, and the 100-request burst's peak RSS within its runs' spread.
