@@ -5,13 +5,14 @@ IDAT consecutive, IEND last), IHDR's size is bounded (`MAX_IMAGE_PIXELS`), and t
 is inflated piece by piece, never held whole, to check it is a complete zlib stream of exactly
 the size IHDR implies. That catches truncated downloads, flipped bytes, non-PNG bodies and a
 header that lies about the size, where Pillow's verify() checks only CRCs and re-encoding costs
-hundreds of milliseconds. It is not free: about 8 ms for the bench's 1024x1024 RGB PNG on the
+hundreds of milliseconds. It is not free: about 6.4 ms for the bench's 1024x1024 RGB PNG on the
 2-core development VM with ISA-L's inflate (17 ms with zlib's), nearly all of it inflating
 3 MB (the CRCs take under 0.1 ms with ISA-L's crc32). Row filter types are checked on the
 inflated pieces (a strided slice each: no measurable cost). The same check (PngCheck) is fed an
-upstream body piece by piece while it arrives (outbound.read_body), so behind a real network it
-is done when the last byte is in; on loopback the body arrives faster than it inflates. What is kept drops the upstream's text chunks and whatever follows
-IEND. Pillow only converts the JPEG, WebP or GIF answers some providers give, within a memory
+upstream body piece by piece while it arrives (outbound.read_body; for a base64 image in JSON,
+embedded.JsonImageScan), so behind a real network it is done when the last byte is in; on
+loopback the body arrives faster than it inflates. What is kept drops the upstream's text
+chunks and whatever follows IEND. Pillow only converts the JPEG, WebP or GIF answers some providers give, within a memory
 budget worked out from their header before decoding them (DecodeBudget).
 """
 
@@ -33,7 +34,7 @@ from imagegen.errors import ServerBusy
 from imagegen.imaging import PNG_SIGNATURE, TEXT_CHUNKS, Chunk, TruncatedPng, png_dimensions, walk_chunks
 
 # Inflating a 1024x1024 PNG to check it is most of what this function adds to a request:
-# Intel's ISA-L (python-isal, `_inflate`) does it in under half zlib's time (7.8 ms against
+# Intel's ISA-L (python-isal, `_inflate`) does it in under half zlib's time (6.4 ms against
 # 17.3 ms for the bench's 1.7 MB PNG on these machines), with the same results. Its CRC-32
 # is the same function as zlib's, 8 times faster (0.05 against 0.4 ms for that PNG's chunks).
 _crc32 = _inflate.crc32
