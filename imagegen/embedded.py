@@ -152,7 +152,8 @@ class JsonImageScan:
             if not self._in_string:
                 self._find_string(end)
             elif self._escaped:
-                self._skip_escaped(end)
+                if not self._skip_escaped():
+                    break  # the piece ends inside an escape pair: the rest comes with the next
             else:
                 self._read_plain(end)
         if not self._in_string:
@@ -205,18 +206,21 @@ class JsonImageScan:
         self._check = None
         self._position += 1  # past the closing quote
 
-    def _skip_escaped(self, end: int) -> None:
+    def _skip_escaped(self) -> bool:
+        """Past what is here of a string with an escape; False when the data ends on a lone
+        backslash, whose pair is in the next piece."""
         local = self._position - self._base
         after = _ESCAPED_STRING.match(self._data, local).end()
         self._escapes += self._data.count(b"\\", local, after)  # pairs count twice: a bound only
         if self._escapes > MAX_ESCAPES:
             self._give_up()
-            return
+            return True
         self._position = self._base + after
         if after < len(self._data) and self._data[after] == ord('"'):
             self._in_string = self._escaped = False
             self._position += 1
-        # else: the string, or an escape pair, goes on in the next piece
+            return True
+        return after == len(self._data)  # else a lone backslash is all that is left
 
     # -- decoding ----------------------------------------------------------------------------
 

@@ -233,3 +233,52 @@ def test_backends_decode_base64_only_through_the_toolkit():
         if path.name != "toolkit.py":
             text = path.read_text()
             assert "b64decode" not in text and "a2b_base64" not in text, path
+
+
+def scanned_within(body: bytes, pieces: list[bytes], seconds: float = 10.0) -> embedded.EmbeddedJson | None:
+    """The scan run on a thread of its own, so a scan that never ends fails the test, not the suite."""
+    import threading
+
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(scanned(body, pieces)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"the scan did not end (pieces of {[len(p) for p in pieces]})"
+    return result[0]
+
+
+def test_a_piece_that_ends_on_a_backslash_inside_an_escaped_string():
+    # Found by fuzzing: a piece ending on the first backslash of a pair left the scan looping.
+    body = ('{"a": "x\\\\y", "image": "' + B64 + '"}').encode()
+    for cut in range(1, 16):
+        found = scanned_within(body, [body[:cut], body[cut:]])
+        assert found is not None and len(found.strings) == 1, cut
+    plain, fast, _found = both_ways(body, ("image",), [body[:9], body[9:]])
+    assert fast == plain and plain[0] == "ok"
+
+
+def test_mutated_answers_split_anywhere_read_as_the_plain_path_reads_them():
+    """Differential fuzzing: answers with escapes, broken quotes, stray padding and bytes, cut
+    into pieces of any size, give the plain path's value or refusal."""
+    rng = random.Random(21)
+    templates = [
+        json.dumps({"data": [{"b64_json": B64}]}),
+        json.dumps({"a": "x\\y \"q\"", "image": B64, "n": [1, 2.5, None, True]}),
+        json.dumps([{"image": B64}, {"image": B64[:20000]}]),
+    ]
+    wheres = [("data", 0, "b64_json"), ("image",), (0, "image")]
+    for _ in range(300):
+        index = rng.randrange(len(templates))
+        body = bytearray(templates[index].encode())
+        for _ in range(rng.choice((0, 1, 2, 5))):
+            at = rng.randrange(len(body))
+            body[at:at + rng.choice((0, 1, 3))] = rng.choice([b"\\", b'"', b'\\"', b"=", b"==", b"\\\\", b" ", b"\xff", b"A"])
+        body = bytes(body)
+        pieces, position = [], 0
+        while position < len(body):
+            size = rng.choice((1, 2, 3, 5, 64, 1000, 16384, 10**7))
+            pieces.append(body[position : position + size])
+            position += size
+        scanned_within(body, pieces)
+        plain, fast, _found = both_ways(body, wheres[index], pieces)
+        assert fast == plain, body[:80]
