@@ -13,8 +13,9 @@ When the body is whole, `finish` gives an `EmbeddedJson`: the body with each suc
 out and a placeholder put in. Parsing that is cheap, and every placeholder is then replaced by
 an `EmbeddedBase64` carrying its decoded bytes and the check's verdict, which the backends'
 reader (`toolkit.b64_image`, the one place a backend decodes base64) takes instead of decoding
-again. Its text is a short note, not the megabytes of base64: making that str again would copy
-them once more with the GIL held (1.5 ms of each image's CPU in a burst). Everything else in
+again. An image's text is a short note, not the megabytes of base64: making that str again
+would copy them once more with the GIL held (1.5 ms of each image's CPU in a burst). A body
+json.loads would read as UTF-16 or UTF-32 is left to the plain path. Everything else in
 the parsed answer is exactly what `json.loads` of the whole body gives.
 
 Anything unusual is left to the plain path, never guessed at: a string with an escape, padding
@@ -35,7 +36,7 @@ from typing import Any
 
 import pybase64
 
-from imagegen.images import CheckedPng, PngCheck
+from imagegen.images import CheckedPng, PngCheck, sniff_image_type
 from imagegen.imaging import PNG_SIGNATURE
 
 # A string is decoded as it comes once it is this long: shorter ones cost more to track than
@@ -53,7 +54,8 @@ _PLACEHOLDER_PREFIX = f"imagegen-embedded-{secrets.token_hex(16)}-"
 
 class EmbeddedBase64(str):
     """A base64 string from a JSON answer, already decoded (and checked, when a PNG) while the
-    body arrived. Its text says so (the base64 itself is not kept); `decoded` is what
+    body arrived. For an image its text says so (the base64 itself is not kept); any other
+    string keeps its text, which may be quoted or compared as it is; `decoded` is what
     `pybase64.b64decode(text, validate=True)` gave; `check` the PngCheck verdict on those bytes,
     or None when they are not a PNG."""
 
@@ -108,11 +110,17 @@ def _replace_placeholders(parsed: Any, by_placeholder: dict[str, _Embedded], bod
                 containers.append(value)
             elif isinstance(value, str) and value.startswith(_PLACEHOLDER_PREFIX) and value in by_placeholder:
                 string = by_placeholder.pop(value)
-                text = EmbeddedBase64(f"[{string.end - string.start} characters of base64, decoded as they arrived]")
                 # Decoded again, whole (0.15 ms for 2.3 MB): holding the pieces decoded on the way
                 # and joining them would keep the image twice in memory. It was validated then.
                 with memoryview(body) as view, view[string.start : string.end] as chars:
-                    text.decoded = pybase64.b64decode(chars, validate=True)
+                    decoded = pybase64.b64decode(chars, validate=True)
+                    # Only an image may stand as the note: other long base64-looking text (a
+                    # model's words, an error's detail) may be quoted or compared as it is.
+                    note = sniff_image_type(decoded) is not None
+                    text = EmbeddedBase64(
+                        f"[{len(chars)} characters of base64, decoded as they arrived]" if note else str(chars, "ascii")
+                    )
+                text.decoded = decoded
                 text.check = string.check
                 container[key] = text
                 found += 1
@@ -164,6 +172,10 @@ class JsonImageScan:
     def finish(self, body: bytes) -> EmbeddedJson | None:
         """What was found in the whole `body` (the bytes fed, joined), or None: nothing decoded."""
         if self._given_up or not self._found or self._in_string:
+            return None
+        if json.detect_encoding(body[:4]) != "utf-8":
+            # json.loads reads UTF-16 too, where the bytes `"A` and `AA` are text ("\u4122\u4141"):
+            # what was cut there is no string, and a placeholder would put the body out of step.
             return None
         return EmbeddedJson(body, self._found)
 
