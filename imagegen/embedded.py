@@ -30,13 +30,12 @@ import binascii
 import json
 import re
 import secrets
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import pybase64
 
-from imagegen.images import CheckedPng, PngCheck, sniff_image_type
+from imagegen.images import CheckedPng, PngCheck, Remembered, sniff_image_type
 from imagegen.imaging import PNG_SIGNATURE
 
 # A string is decoded as it comes once it is this long: shorter ones cost more to track than
@@ -137,9 +136,10 @@ class JsonImageScan:
         self._in_string = False
         self._string_start = 0
         self._escaped = False  # the current string has an escape: only its end is looked for
-        self._decoding = False  # the current string is being decoded as it comes
         self._decodable = True  # nothing in the current string has ruled it out yet
-        self._decoded_to = 0  # body offset up to which the current string is decoded
+        # Body offset up to which the current string is decoded (its start until it is long
+        # enough to decode): everything before it may be dropped.
+        self._decoded_to = 0
         self._check: PngCheck | None = None
         self._strings = 0
         self._escapes = 0
@@ -164,10 +164,8 @@ class JsonImageScan:
                     break  # the piece ends inside an escape pair: the rest comes with the next
             else:
                 self._read_plain(end)
-        if not self._in_string:
-            self._drop_to(self._position)
-        elif self._decoding or self._escaped or not self._decodable:
-            self._drop_to(self._decoded_to if self._decoding else self._position)
+        undecodable = self._in_string and (self._escaped or not self._decodable)
+        self._drop_to(self._decoded_to if self._in_string and not undecodable else self._position)
 
     def finish(self, body: bytes) -> EmbeddedJson | None:
         """What was found in the whole `body` (the bytes fed, joined), or None: nothing decoded."""
@@ -190,8 +188,8 @@ class JsonImageScan:
         if self._strings > MAX_STRINGS:
             self._give_up()
             return
-        self._in_string, self._escaped, self._decoding, self._decodable = True, False, False, True
-        self._string_start = self._position = self._base + quote + 1
+        self._in_string, self._escaped, self._decodable = True, False, True
+        self._string_start = self._position = self._decoded_to = self._base + quote + 1
         self._check = None
 
     def _read_plain(self, end: int) -> None:
@@ -201,7 +199,7 @@ class JsonImageScan:
         stop = quote if quote >= 0 else len(self._data)
         escape = self._data.find(b"\\", local, stop)
         if escape >= 0:
-            self._escaped, self._decoding, self._decodable = True, False, False
+            self._escaped, self._decodable = True, False
             self._check = None
             self._position = self._base + escape
             return
@@ -214,7 +212,7 @@ class JsonImageScan:
             self._decode(final=True)
             if self._decodable:
                 self._keep()
-        self._in_string = self._decoding = False
+        self._in_string = False
         self._check = None
         self._position += 1  # past the closing quote
 
@@ -240,8 +238,6 @@ class JsonImageScan:
         """Decode the current string from `_decoded_to` up to `_position`: whole quads only,
         unless `final`. Padding may only end the string; any other character than the base64
         alphabet, or a decoder's refusal, rules the string out."""
-        if not self._decoding:
-            self._decoding, self._decoded_to = True, self._string_start
         stop = self._position if final else self._decoded_to + (self._position - self._decoded_to) // 4 * 4
         if stop <= self._decoded_to:
             return
@@ -252,7 +248,7 @@ class JsonImageScan:
                 raise binascii.Error("padding before the end")
             decoded = pybase64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            self._decodable = self._decoding = False
+            self._decodable = False
             self._check = None
             return
         finally:
@@ -279,23 +275,6 @@ class JsonImageScan:
         self._found, self._check = [], None
 
 
-# A body scanned while it arrived (outbound.read_body), and what was found: the backend's
-# read_json(body) on that very object then parses the cut body. One per thread, matched by
-# identity, as images.remember_check does for a PNG body.
-_remembered = threading.local()
-
-
-def remember_json(body: bytes, found: EmbeddedJson) -> None:
-    _remembered.entry = (body, found)
-
-
-def forget_json() -> None:
-    _remembered.entry = None
-
-
-def take_remembered_json(body: bytes) -> EmbeddedJson | None:
-    entry = getattr(_remembered, "entry", None)
-    if entry is None:
-        return None
-    _remembered.entry = None
-    return entry[1] if entry[0] is body else None
+# What the scan found in exactly a body: the backend's read_json on that object parses the cut body.
+_scanned: Remembered[EmbeddedJson] = Remembered()
+remember_json, forget_json, take_remembered_json = _scanned.remember, _scanned.forget, _scanned.take

@@ -23,10 +23,10 @@ import os
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from isal import isal_zlib as _inflate
 
@@ -38,6 +38,7 @@ from imagegen.imaging import PNG_SIGNATURE, TEXT_CHUNKS, Chunk, TruncatedPng, pn
 # 17.3 ms for the bench's 1.7 MB PNG on these machines), with the same results. Its CRC-32
 # is the same function as zlib's, 8 times faster (0.05 against 0.4 ms for that PNG's chunks).
 _crc32 = _inflate.crc32
+T = TypeVar("T")
 
 
 class NotAnImage(ValueError):
@@ -285,29 +286,34 @@ def _without(data: bytes, dropped: tuple[Chunk, ...], end: int) -> bytes:
 
 
 
-# A body checked while it arrived (outbound.read_body), and its verdict: the backend then calls
-# check_png (through ensure_png) on that very object, and gets the verdict instead of a second
-# walk. One per thread, matched by identity (the bytes are immutable, and the held reference
-# keeps the id from being reused): check_png and every outbound read clear it, so at most one
-# body per thread outlives its request, and only where a backend never checked what it read.
-_remembered = threading.local()
+class Remembered(Generic[T]):
+    """What was found about one body while it arrived (outbound.read_body), kept for this
+    thread's next reader of that very object, which takes it instead of doing the work again.
+    One per thread, matched by identity (the bytes are immutable, and the held reference keeps
+    the id from being reused), taken once: every outbound read clears it, so at most one body
+    per thread outlives its request, and only where a backend never read what it fetched."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def remember(self, body: bytes, found: T) -> None:
+        self._local.entry = (body, found)
+
+    def forget(self) -> None:
+        self._local.entry = None
+
+    def take(self, body: bytes) -> T | None:
+        entry = getattr(self._local, "entry", None)
+        if entry is None:
+            return None
+        self._local.entry = None
+        return entry[1] if entry[0] is body else None
 
 
-def remember_check(data: bytes, check: CheckedPng) -> None:
-    """`check` is PngCheck's verdict on exactly `data`: the next check_png(data) returns it."""
-    _remembered.entry = (data, check)
-
-
-def forget_check() -> None:
-    _remembered.entry = None
-
-
-def _take_remembered(data: bytes) -> CheckedPng | None:
-    entry = getattr(_remembered, "entry", None)
-    if entry is None:
-        return None
-    _remembered.entry = None
-    return entry[1] if entry[0] is data else None
+# PngCheck's verdict on exactly a body: the backend's check_png (through ensure_png) on that
+# object gets it instead of a second walk.
+_checked: Remembered[CheckedPng] = Remembered()
+remember_check, forget_check, _take_remembered = _checked.remember, _checked.forget, _checked.take
 
 # Cloud Functions answers at most 32 MB; base64 grows an image by 4/3, so 20 MiB still fits.
 MAX_IMAGE_BYTES = 20 * 1024 * 1024

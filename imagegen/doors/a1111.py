@@ -23,7 +23,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,7 +38,7 @@ from imagegen.doors.watch import WATCH
 from imagegen.http import Endpoint, response
 from imagegen.record import RequestRecord
 from imagegen.service import Admission, Produced
-from imagegen.streaming import NEVER_GONE, disconnect_probe
+from imagegen.streaming import disconnect_probe
 from imagegen.validation import (
     MAX_GUIDANCE,
     MAX_SEED,
@@ -596,9 +595,8 @@ class A1111Api:
             job.done.add(index)
             return produced
 
-        watched = WATCH.watching(client_gone, job.cancelled.set) if client_gone is not NEVER_GONE else nullcontext()
         try:
-            with watched:
+            with WATCH.watching(client_gone, job.cancelled.set):
                 if len(admissions) == 1:
                     return [one(0)]
                 with ThreadPoolExecutor(max_workers=len(admissions), thread_name_prefix="imagegen-a1111") as pool:

@@ -23,7 +23,6 @@ from imagegen import streaming
 from imagegen.streaming import (
     CLIENT_CLOSED,
     EVENT_STREAM,
-    NEVER_GONE,
     GenerationStream,
     Outcome,
     disconnect_probe,
@@ -96,8 +95,6 @@ def produce_watching(service: GenerationService, admission: Admission, client_go
     """The image for a plain (not streamed) request, cancelled when its caller goes away, as a
     stream's is: a caller that gave up must not keep holding a queue place, a slot or the
     local model. Where the server gives no socket to watch, nothing watches."""
-    if client_gone is NEVER_GONE:
-        return service.produce(admission)
     cancelled = threading.Event()
     try:
         with WATCH.watching(client_gone, cancelled.set):

@@ -30,7 +30,11 @@ class DisconnectWatch:
 
     @contextmanager
     def watching(self, client_gone: Callable[[], bool], on_gone: Callable[[], None]) -> Iterator[None]:
-        """Within the block, `on_gone` runs (once, on the watcher's thread) if `client_gone` says so."""
+        """Within the block, `on_gone` runs (once, on the watcher's thread) if `client_gone` says so.
+        Where the server gives no socket to watch (streaming.NEVER_GONE), nothing is watched."""
+        if client_gone is streaming.NEVER_GONE:
+            yield
+            return
         with self._lock:
             key = self._next_key
             self._next_key += 1
