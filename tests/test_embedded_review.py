@@ -205,3 +205,19 @@ def test_random_bodies_read_the_same_both_ways(seed):
         body = random_body(rng)
         compare(body, random_pieces(rng, body))
         count += 1
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def test_the_scan_keeps_only_what_it_still_needs():
+    """Every piece ending inside a string not yet MIN_BASE64_CHARS long: nothing before that
+    string was ever dropped, so the scan held a second copy of the whole body."""
+    body = b"[" + b",".join([b'"' + b"A" * MIN + b'"'] * 200) + b"]"
+    scan = JsonImageScan()
+    held = 0
+    for start in range(0, len(body), 65536):
+        scan.feed(body[start : start + 65536])
+        held = max(held, len(scan._data))
+    assert scan.finish(body) is not None
+    assert held <= MIN + 2 * 65536
