@@ -292,9 +292,9 @@ def test_a_refusal_reached_while_arriving_is_the_one_check_png_gives(half_server
     _HalfThenRest.go_on.set()
     url = f"http://127.0.0.1:{half_server.server_address[1]}/broken.png"
     answer = outbound.fetch(outbound.new_session(), "GET", url, 10, limit=2**24)
-    assert images._remembered.entry[0] is answer.body
+    assert images._checked._local.entry[0] is answer.body
     assert outcome(check_png, answer.body) == outcome(reference_check, broken)
-    assert images._remembered.entry is None  # taken once
+    assert images._checked._local.entry is None  # taken once
 
 
 def test_each_piece_of_a_png_body_is_acknowledged_at_once(half_server, monkeypatch):
