@@ -114,6 +114,25 @@ def buffer_connections(limits: ConnectionLimits) -> None:
     logging.getLogger("gunicorn.error").addFilter(_quiet_head_timeouts)
 
 
+def no_control_socket() -> None:
+    """Start gunicorn without its control socket (gunicorn 25.1+, for the `gunicornc` tool).
+
+    gunicorn's master starts it once the workers are spawned: an asyncio loop on a thread of
+    its own and a socket file under $HOME/.gunicorn. Importing asyncio for it alone took
+    20 ms of CPU at every cold start, beside the worker getting ready for its first request (a
+    function often has one vCPU or less), and nothing here uses it. functions-framework passes
+    no gunicorn setting through, so the setting's default is changed; called from main.py
+    before functions-framework makes gunicorn's configuration. An older gunicorn has none.
+    """
+    try:
+        from gunicorn import config
+    except ImportError:  # not under gunicorn
+        return
+    setting = getattr(config, "ControlSocketDisable", None)
+    if setting is not None:
+        setting.default = True
+
+
 def _quiet_head_timeouts(record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
     return not (isinstance(exc, TimeoutError) and record.getMessage() == "Socket error processing request.")

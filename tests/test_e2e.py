@@ -178,6 +178,25 @@ def test_cold_start_imports_neither_the_gcs_client_nor_pillow():
     assert out.stdout.strip().splitlines()[-1] == "[]"  # after any start-up line the function logs
 
 
+def test_gunicorn_is_configured_without_its_control_socket():
+    """gunicorn's control socket (an asyncio loop on a thread of the master: 20 ms of imports at
+    every cold start) stays off: main.py changes the setting's default before functions-framework
+    makes gunicorn's configuration, here as functions-framework makes it."""
+    import subprocess
+    import sys
+
+    from tests.servers import REPO_ROOT
+
+    probe = (
+        "import main\n"
+        "from functions_framework._http.gunicorn import GunicornApplication\n"
+        "config = GunicornApplication(main.generate_image, '127.0.0.1', 8080, False).cfg\n"
+        "print(getattr(config, 'control_socket_disable', 'no such setting'))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True"
+
+
 # --- providers through the real process ---------------------------------------------------------
 
 FLUX = "black-forest-labs/FLUX.1-schnell"
