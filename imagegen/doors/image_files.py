@@ -18,12 +18,11 @@ import io
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 import flask
-import pybase64
 
 from imagegen.config import Settings
 from imagegen.errors import ImageNotFound, InvalidRequest, UrlSignatureInvalid
@@ -95,18 +94,6 @@ def in_format(
         warning = f"The {fmt} image could not be stored: {error}. It is only in this answer."
         return ImageFile(PngParts.of(data), fmt, None, None), warning
     return ImageFile(PngParts.of(data), fmt, name, path), None
-
-
-def base64_pieces(data: PngParts) -> Iterator[bytes]:
-    """The image's base64 in pieces; the small head topped up to a multiple of 3 bytes so
-    only the last piece can carry padding."""
-    from imagegen.doors.json_api import BASE64_PIECE
-
-    cut = -len(data.head) % 3
-    yield pybase64.b64encode(data.head + data.body[:cut].tobytes())
-    body = data.body[cut:]
-    for start in range(0, len(body), BASE64_PIECE):
-        yield pybase64.b64encode(body[start : start + BASE64_PIECE])
 
 
 # --- URLs this function serves itself ----------------------------------------------------------

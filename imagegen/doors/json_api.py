@@ -10,7 +10,6 @@ from dataclasses import replace
 from typing import Any
 
 import flask
-import pybase64
 
 from imagegen.errors import Cancelled, ImageGenError
 from imagegen.events import ProgressSink
@@ -29,12 +28,6 @@ from imagegen.streaming import (
     wants_event_stream,
 )
 from imagegen.validation import parse_generation_request
-
-# Raw bytes per base64 piece of an answer: a multiple of 3, so pieces join cleanly, and small
-# enough (64 KiB of base64) for malloc to reuse heap memory rather than map fresh pages for
-# every piece.
-BASE64_PIECE = 3 * 16 * 1024
-
 
 class JsonApi:
     def __init__(self, parts: DoorParts) -> None:
@@ -137,13 +130,7 @@ def success_body(produced: Produced) -> tuple[Iterator[bytes], int]:
 
     def pieces() -> Iterator[bytes]:
         yield head
-        # The PNG's small head is topped up from the body to a multiple of 3 bytes, so only
-        # the very last piece can carry base64 padding.
-        cut = -len(png.head) % 3
-        yield pybase64.b64encode(png.head + png.body[:cut].tobytes())
-        body = png.body[cut:]
-        for start in range(0, len(body), BASE64_PIECE):
-            yield pybase64.b64encode(body[start : start + BASE64_PIECE])
+        yield from png.base64_pieces()
         yield tail
 
     return pieces(), length

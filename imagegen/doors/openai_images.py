@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import flask
 
-from imagegen.doors.image_files import ImageFile, base64_pieces, in_format
+from imagegen.doors.image_files import ImageFile, in_format
 from imagegen.catalog import Catalog
 from imagegen.domain import GenerationRequest
 from imagegen.errors import ContentRejected, ImageGenError, InvalidRequest, UpstreamError
@@ -378,7 +378,7 @@ def images_body(answer: dict[str, Any], items: list[tuple[str, PngParts | str]])
     def pieces() -> Iterator[bytes]:
         yield head
         for part in parts:
-            yield from [part] if isinstance(part, bytes) else base64_pieces(part)
+            yield from [part] if isinstance(part, bytes) else part.base64_pieces()
         yield tail
 
     return pieces(), length

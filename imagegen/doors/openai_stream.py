@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from imagegen.doors.image_files import base64_pieces
 from imagegen.errors import ImageGenError, StreamTooLarge
 from imagegen.png_info import PngParts
 from imagegen.service import Admission, GenerationService, Produced
@@ -70,7 +69,7 @@ def sse(name: str, head: dict[str, Any], image: PngParts | None = None) -> Itera
         yield f"event: {name}\ndata: {json.dumps(head, ensure_ascii=False)}\n\n".encode()
         return
     yield f"event: {name}\ndata: ".encode() + json.dumps(head, ensure_ascii=False)[:-1].encode() + b', "b64_json": "'
-    yield from base64_pieces(image)
+    yield from image.base64_pieces()
     yield b'"}\n\n'
 
 
