@@ -15,8 +15,8 @@ keep_large_buffers(os.environ)
 os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
 _handler, _settings = create_handler(os.environ)
 # What the server stack answers outside the handler: JSON, not HTML; no thread held forever
-# by a client that trickles its request or never reads its answer; and no control socket, which
-# only cost start-up time (see imagegen/serving.py).
+# by a client that trickles its request or never reads its answer; and no gunicorn control
+# socket, which nothing uses (see imagegen/serving.py).
 json_error_pages(functions_framework.errorhandler)
 buffer_connections(connection_limits(_settings))
 no_control_socket()

@@ -117,12 +117,13 @@ def buffer_connections(limits: ConnectionLimits) -> None:
 def no_control_socket() -> None:
     """Start gunicorn without its control socket (gunicorn 25.1+, for the `gunicornc` tool).
 
-    gunicorn's master starts it once the workers are spawned: an asyncio loop on a thread of
-    its own and a socket file under $HOME/.gunicorn. Importing asyncio for it alone took
-    20 ms of CPU at every cold start, beside the worker getting ready for its first request (a
-    function often has one vCPU or less), and nothing here uses it. functions-framework passes
-    no gunicorn setting through, so the setting's default is changed; called from main.py
-    before functions-framework makes gunicorn's configuration. An older gunicorn has none.
+    gunicorn's master starts it once the workers are spawned: a thread running an asyncio loop
+    and a socket file under $HOME/.gunicorn, through which any process of the same user can
+    reload or rescale the workers. Nothing here uses it, so it is a channel and a thread for
+    nothing (and asyncio's imports, about 20 ms under `-X importtime`, though a cold start
+    measured on one CPU shows no difference beyond its noise). functions-framework passes no
+    gunicorn setting through, so the setting's default is changed; called from main.py before
+    functions-framework makes gunicorn's configuration. An older gunicorn has none.
     """
     try:
         from gunicorn import config

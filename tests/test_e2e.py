@@ -179,9 +179,9 @@ def test_cold_start_imports_neither_the_gcs_client_nor_pillow():
 
 
 def test_gunicorn_is_configured_without_its_control_socket():
-    """gunicorn's control socket (an asyncio loop on a thread of the master: 20 ms of imports at
-    every cold start) stays off: main.py changes the setting's default before functions-framework
-    makes gunicorn's configuration, here as functions-framework makes it."""
+    """gunicorn's control socket (a thread and an asyncio loop in the master, a socket file that
+    can reload or rescale the workers) stays off: main.py changes the setting's default before
+    functions-framework makes gunicorn's configuration, here as functions-framework makes it."""
     import subprocess
     import sys
 
